@@ -1,0 +1,116 @@
+"""Per-layer key/value caches with the reference's (DynamicCache) semantics, and the attention masks built from them.
+
+Only the encoder writes a cache. The decoder reads it: every canvas query sees every cached key a layer holds,
+which for a sliding layer is the last `W - 1` tokens, never more (that is what the reference's
+`DynamicSlidingWindowLayer` keeps after each update, and what its decoder attends to).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .config import SLIDING, ModelArgs
+
+
+class LayerCache:
+    """Keys `[B, kv, T, d]` (normalised, rotated) and values (normalised) of one layer."""
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep  # None: keep everything (full attention); else the last `keep` tokens
+        self.keys = None
+        self.values = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append, and return everything this step may attend to (the old kept tokens plus all new ones)."""
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        if self.keep is not None and keys.shape[2] > self.keep:
+            self.keys, self.values = keys[:, :, -self.keep :], values[:, :, -self.keep :]
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def with_canvas(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """The cached tokens followed by the canvas's, without changing the cache (the decoder's view)."""
+        if self.keys is None:
+            return keys, values
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+    def state(self):
+        return [self.keys, self.values]
+
+
+class Cache:
+    """The KV cache of the whole stack plus the token/padding mask of everything encoded so far."""
+
+    def __init__(self, args: ModelArgs):
+        self.sliding_window = args.sliding_window
+        self.layer_types = list(args.layer_types)
+        self.layers = [LayerCache(args.sliding_window - 1 if t == SLIDING else None) for t in args.layer_types]
+        self.offset = 0  # tokens encoded so far: the next token's position
+        self.token_mask = None  # [B, offset] bool, True = real token; None while nothing is padded
+
+    def __len__(self):
+        return self.offset
+
+    @property
+    def batch_size(self) -> int | None:
+        for layer in self.layers:
+            if layer.keys is not None:
+                return layer.keys.shape[0]
+        return None
+
+    def remember_mask(self, attention_mask: mx.array | None, batch: int, length: int):
+        if attention_mask is None and self.token_mask is None:
+            return
+        if attention_mask is None:
+            attention_mask = mx.ones((batch, length), dtype=mx.bool_)
+        attention_mask = attention_mask.astype(mx.bool_)
+        if self.token_mask is None:
+            self.token_mask = mx.concatenate([mx.ones((batch, self.offset), dtype=mx.bool_), attention_mask], axis=1)
+        else:
+            self.token_mask = mx.concatenate([self.token_mask, attention_mask], axis=1)
+
+    def state(self):
+        arrays = [a for layer in self.layers for a in layer.state() if a is not None]
+        return arrays + ([self.token_mask] if self.token_mask is not None else [])
+
+    # --- masks -------------------------------------------------------------------------------------------------
+
+    def encoder_mask(self, layer_type: str, length: int, cached: int):
+        """Mask for `length` new queries over `cached` kept keys plus the new ones (call after `remember_mask`).
+
+        Causal (and windowed on sliding layers) over absolute positions; padded keys are masked except a padded
+        query's own key, so a pad row always has one key to attend to and never produces NaN (no real query ever
+        attends to a pad key, so real rows are exact).
+        """
+        start = self.offset  # position of the first new query
+        total = cached + length
+        window = self.sliding_window if layer_type == SLIDING else None
+        needs_window = window is not None and total > window
+        if self.token_mask is None and not needs_window:
+            return "causal" if length > 1 else None
+        q = mx.arange(start, start + length)[:, None]
+        k = mx.arange(start - cached, start + length)[None, :]
+        mask = k <= q
+        if window is not None:
+            mask = mask & (k > q - window)
+        if self.token_mask is not None:
+            keys_real = self.token_mask[:, start - cached : start + length]  # [B, total]
+            mask = mask[None] & (keys_real[:, None, :] | (k == q)[None])
+            mask = mask[:, None]  # [B, 1, L, K]
+        return mask
+
+    def decoder_mask(self, layer_index: int, canvas_length: int):
+        """Bidirectional: only padded cached tokens are hidden from the canvas."""
+        if self.token_mask is None:
+            return None
+        cached = self.layers[layer_index].length
+        keys_real = self.token_mask[:, self.offset - cached :]
+        keys_real = mx.concatenate([keys_real, mx.ones((keys_real.shape[0], canvas_length), dtype=mx.bool_)], axis=1)
+        return keys_real[:, None, None, :]

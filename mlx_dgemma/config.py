@@ -1,0 +1,233 @@
+"""Model and sampler configuration read from a checkpoint folder.
+
+`ModelArgs` is the text stack as the reference builds it from `config.json` (nested `text_config`), with every
+default the reference applies in `DiffusionGemmaTextConfig.__post_init__` resolved here once, so the model code
+never has to guess. `SamplerConfig` holds the block-diffusion defaults from `generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+MODEL_TYPES = ("diffusion_gemma",)
+TEXT_MODEL_TYPES = ("diffusion_gemma_text",)
+
+DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+class ConfigError(ValueError):
+    """A checkpoint's configuration cannot be used; the message names the file and the key."""
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    layer_types: list[str] = field(default_factory=list)
+    # Per-layer attention geometry after the full-attention overrides are applied.
+    layer_head_dims: list[int] = field(default_factory=list)
+    layer_kv_heads: list[int] = field(default_factory=list)
+    rope_parameters: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_ROPE)))
+    sliding_window: int = 512
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    canvas_length: int = 256
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+    tie_word_embeddings: bool = True
+    model_type: str = "diffusion_gemma"
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if not self.layer_types:
+            self.layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
+        if len(self.layer_types) != n:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {n} layers")
+        if self.layer_types[-1] != FULL:  # the reference forces the last layer to full attention
+            self.layer_types = [*self.layer_types[:-1], FULL]
+        unknown = set(self.layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise ConfigError(f"layer_types: unknown layer type(s) {sorted(unknown)}")
+        if not self.layer_head_dims:
+            self.layer_head_dims = [self.head_dim] * n
+        if not self.layer_kv_heads:
+            self.layer_kv_heads = [self.num_key_value_heads] * n
+        for i, kv in enumerate(self.layer_kv_heads):
+            if self.num_attention_heads % kv:
+                raise ConfigError(
+                    f"layer {i}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                    f"num_key_value_heads={kv}"
+                )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config.json") -> "ModelArgs":
+        """Resolve a Hugging Face `config.json` (outer `diffusion_gemma` or bare text config) the way the reference does."""
+        model_type = config.get("model_type")
+        if model_type in MODEL_TYPES:
+            text = dict(config.get("text_config") or {})
+            outer = config
+        elif model_type in TEXT_MODEL_TYPES:
+            text, outer = dict(config), {}
+        else:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported (expected one of {list(MODEL_TYPES)})"
+            )
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError(
+                f"{source}: text_config.use_bidirectional_attention='all' (a bidirectional encoder) is not supported; "
+                "the released checkpoint uses 'vision'"
+            )
+        act = text.get("hidden_activation", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"{source}: text_config.hidden_activation {act!r} is not supported")
+        for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            if text.get(key) is None:
+                raise ConfigError(f"{source}: text_config.{key} is missing (DiffusionGemma layers are always MoE)")
+
+        names = {f.name for f in fields(cls)} - {"layer_head_dims", "layer_kv_heads", "model_type"}
+        kwargs = {k: v for k, v in text.items() if k in names and v is not None}
+        if "canvas_length" in outer:
+            kwargs["canvas_length"] = outer["canvas_length"]
+        kwargs.setdefault("rope_parameters", json.loads(json.dumps(DEFAULT_ROPE)))
+        args = cls(**kwargs)
+
+        # Full-attention overrides, in either of the two forms a config.json can carry.
+        head_dims = [args.head_dim] * args.num_hidden_layers
+        kv_heads = [args.num_key_value_heads] * args.num_hidden_layers
+        per_layer = text.get("per_layer_config")
+        if per_layer is None:
+            global_head_dim = text.get("global_head_dim", 512)
+            # The reference only honours the kv-head override when attention_k_eq_v is absent or true.
+            global_kv = text.get("num_global_key_value_heads") if text.get("attention_k_eq_v", True) else None
+            per_layer = {
+                i: {"head_dim": global_head_dim, **({"num_key_value_heads": global_kv} if global_kv else {})}
+                for i, t in enumerate(args.layer_types)
+                if t == FULL
+            }
+        for key, override in per_layer.items():
+            if key in (SLIDING, FULL):
+                targets = [i for i, t in enumerate(args.layer_types) if t == key]
+            else:
+                try:
+                    targets = [int(key)]
+                except ValueError:
+                    raise ConfigError(f"{source}: text_config.per_layer_config has an unknown key {key!r}") from None
+                if not 0 <= targets[0] < args.num_hidden_layers:
+                    raise ConfigError(f"{source}: text_config.per_layer_config names layer {key} of {args.num_hidden_layers}")
+            for i in targets:
+                head_dims[i] = override.get("head_dim", head_dims[i])
+                kv_heads[i] = override.get("num_key_value_heads", kv_heads[i])
+        return replace(args, layer_head_dims=head_dims, layer_kv_heads=kv_heads)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelArgs":
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+@dataclass
+class SamplerConfig:
+    """Block-diffusion sampling settings, resolved the way the reference's `generate` resolves them."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            bad("max_new_tokens", "must be a positive integer")
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            bad("max_denoising_steps", "must be a positive integer")
+        if not self.entropy_bound > 0:
+            bad("entropy_bound", "must be > 0")
+        if self.t_min < 0:
+            bad("t_min", "must be >= 0")
+        if not self.t_max > self.t_min:
+            bad("t_max", f"must be greater than t_min={self.t_min}")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            bad("stability_threshold", "must be an integer >= 0")
+        if not self.confidence_threshold > 0:
+            bad("confidence_threshold", "must be > 0")
+
+    def updated(self, **overrides) -> "SamplerConfig":
+        """A copy with the non-None overrides applied (per-call settings beat the checkpoint's defaults)."""
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown sampler setting(s): {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_generation_config(cls, gen: dict | None, args: ModelArgs | None = None) -> "SamplerConfig":
+        gen = dict(gen or {})
+        sampler = gen.get("sampler_config") or {}
+        if sampler and sampler.get("_cls_name", "EntropyBoundSamplerConfig") != "EntropyBoundSamplerConfig":
+            raise ConfigError(f"generation_config.json: sampler_config {sampler.get('_cls_name')!r} is not supported")
+        eos = gen.get("eos_token_id")
+        pad = gen.get("pad_token_id")
+        if not gen and args is not None:
+            # Without generation_config.json the reference stops at no EOS at all; users of mlx-lm expect the
+            # config's EOS to end generation, so fall back to it.
+            eos, pad = args.eos_token_id, args.pad_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        kwargs = {
+            k: gen[k]
+            for k in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+            if gen.get(k) is not None
+        }
+        if sampler.get("entropy_bound") is not None:
+            kwargs["entropy_bound"] = sampler["entropy_bound"]
+        try:
+            return cls(**kwargs, eos_token_ids=eos_ids, pad_token_id=pad)
+        except ValueError as e:
+            raise ConfigError(f"generation_config.json: {e}") from None
+
+    @classmethod
+    def from_folder(cls, folder: Path, args: ModelArgs | None = None) -> "SamplerConfig":
+        path = Path(folder) / "generation_config.json"
+        return cls.from_generation_config(read_json(path) if path.is_file() else None, args)
