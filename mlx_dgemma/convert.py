@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,8 +315,10 @@ def write_folder(out: Path, plan: Plan, config: dict, source: Path, max_shard_by
         try:
             for e in entries:
                 e.write(writer)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         weight_map.update({t.name: filename for t in planned})
     index = {
         "metadata": {
@@ -516,6 +519,15 @@ def main(argv=None):
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
 
+
+class _CallableModule(types.ModuleType):
+    """`mlx_dgemma.convert` is this module (for `python -m`) and also works as the `convert` function."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

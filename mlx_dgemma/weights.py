@@ -251,6 +251,9 @@ class SafetensorsWriter:
         self._f.write(data)
         self._cursor[name] = pos + len(data)
 
+    def abort(self):
+        self._f.close()
+
     def close(self):
         short = [n for n, c in self._cursor.items() if c != self._end[n]]
         self._f.close()

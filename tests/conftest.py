@@ -1,0 +1,44 @@
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mlx.core as mx  # noqa: E402
+
+from reference import build_reference, load_reference  # noqa: E402
+
+mx.set_default_device(mx.cpu)
+
+
+@pytest.fixture(scope="session")
+def reference_factory(tmp_path_factory):
+    """Build (once per session per settings) a reference checkpoint; returns (folder, torch model)."""
+    built = {}
+
+    def make(name="tiny", **kwargs):
+        key = (name, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"ref-{name}")
+            build_reference(folder, **{"preset": "tiny", **kwargs})
+            built[key] = (folder, load_reference(folder))
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny(reference_factory):
+    return reference_factory()
+
+
+@pytest.fixture
+def copy_folder(tmp_path):
+    def copy(folder, name="copy"):
+        dst = tmp_path / name
+        shutil.copytree(folder, dst)
+        return dst
+
+    return copy
