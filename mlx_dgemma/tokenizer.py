@@ -225,6 +225,8 @@ class StreamingDetokenizer:
 
     Each new piece is decoded together with the previous piece as context, so decoders that treat the start of a
     sequence specially (a stripped leading space, say) still give the same text as decoding everything at once.
+    One difference remains, for invalid byte-fallback runs only: `decode` turns a whole run of byte tokens into
+    U+FFFD when any part of it is not UTF-8, while characters this has already handed out stay as they were.
     """
 
     def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = False):
@@ -313,7 +315,8 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise TokenizerLoadError(f"{path}: malformed JSON in {what} (line {e.lineno}, column {e.colno}): {e.msg}") from e
+        where = f"line {e.lineno}, column {e.colno}"
+        raise TokenizerLoadError(f"{path}: malformed JSON in {what} ({where}): {e.msg}") from e
 
 
 def _read_json_object(path: Path, what: str) -> dict | None:
@@ -351,7 +354,9 @@ class Tokenizer:
         self.name = name
         self.config = dict(config or {})
         special = dict(special_tokens_map or {})
-        vocab_has = lambda t: t is not None and backend.token_to_id(t) is not None  # noqa: E731
+
+        def vocab_has(token):
+            return token is not None and backend.token_to_id(token) is not None
 
         def special_token(key, default):
             value = _token_content(self.config.get(key))
@@ -505,7 +510,8 @@ class Tokenizer:
                 ids = ids + [self.eos_token_id]
             return ids
         # post-processor path: never two BOS when the text already begins with the BOS string
-        if self.add_bos_token and self.bos_token and text.startswith(self.bos_token) and ids[:2] == [self.bos_token_id] * 2:
+        bos = self.bos_token_id
+        if self.add_bos_token and self.bos_token and text.startswith(self.bos_token) and ids[:2] == [bos, bos]:
             ids = ids[1:]
         return ids
 
@@ -537,12 +543,13 @@ class Tokenizer:
         if chat_template is None:
             if self._compiled_template is None:
                 raise ChatTemplateError(
-                    f"{self.name}: no chat template: the folder ships none (chat_template.jinja or tokenizer_config.json)"
-                    " and the vocabulary has no Gemma 4 turn tokens for the built-in one"
+                    f"{self.name}: no chat template: the folder ships none (chat_template.jinja or"
+                    " tokenizer_config.json) and the vocabulary has no Gemma 4 turn tokens for the built-in one"
                 )
             return self._compiled_template
         if chat_template in self.chat_templates:
-            return _compile_template(self.chat_templates[chat_template], f"{self.name} (chat template {chat_template!r})")
+            origin = f"{self.name} (chat template {chat_template!r})"
+            return _compile_template(self.chat_templates[chat_template], origin)
         return _compile_template(chat_template, "chat_template argument")
 
     def apply_chat_template(
