@@ -443,6 +443,129 @@ def print_stats(r: GenerationResponse, file=None):
           file=file)
 
 
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _str2bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_sampler_flags(p: argparse.ArgumentParser):
+    """The diffusion flags shared by generate and chat; None means the model's generation_config.json."""
+    p.add_argument("--steps", type=int, dest="max_denoising_steps", help="Denoising steps per canvas (default 48).")
+    p.add_argument("--entropy-bound", type=float, help="Entropy bound for accepting tokens (default 0.1).")
+    p.add_argument("--t-min", type=float, help="Temperature at the last step (default 0.4).")
+    p.add_argument("--t-max", type=float, help="Temperature at the first step (default 0.8).")
+    p.add_argument("--stability-threshold", type=int, help="Steps the argmax canvas must stay unchanged (default 1).")
+    p.add_argument("--confidence-threshold", type=float, help="Mean entropy below which a canvas is done (default 0.005).")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="Thinking mode.")
+    p.add_argument("--seed", type=int, help="Random seed (default: fresh noise each run).")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, help="Prompt tokens per encoder chunk.")
+
+
+SAMPLER_FLAGS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+
+
+def load_for_cli(model_path: str | None, adapter_path: str | None = None):
+    """The model named on the command line, or the bundled demo model (with a hint about the real one)."""
+    from . import demo
+    from .loading import load
+
+    if model_path is None:
+        if not demo.available():
+            raise ValueError("no --model given and the bundled demo model is missing from this install")
+        print(demo.RELEASED_MODEL_HINT, file=sys.stderr)
+        model_path = str(demo.FOLDER)
+    return load(model_path, adapter_path=adapter_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m mlx_dgemma.generate", description="Generate text with a DiffusionGemma model.")
+    p.add_argument("--model", help="MLX or Hugging Face folder, or Hub id. Default: the bundled demo model.")
+    p.add_argument("--adapter-path", help="LoRA adapters to apply.")
+    p.add_argument("--prompt", "-p", help="Prompt text, or - to read stdin.")
+    p.add_argument("--system-prompt", help="System prompt for the chat template.")
+    p.add_argument("--max-tokens", "-m", type=int, help="Maximum new tokens (default: the model's, 256).")
+    p.add_argument("--ignore-chat-template", action="store_true", help="Feed the prompt as is.")
+    p.add_argument("--initial-canvas", help="Start the first canvas from this text (edit in place).")
+    p.add_argument("--show-canvas", action="store_true", help="Show the canvas settling, live.")
+    p.add_argument("--verbose", type=_str2bool, default=True, help="Print statistics (true/false, default true).")
+    add_sampler_flags(p)
+    return p
+
+
+def main(argv=None) -> int:
+    from .display import CanvasView
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_tokens is not None and args.max_tokens <= 0:
+            raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+        if args.prefill_step_size <= 0:
+            raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+        model, tokenizer = load_for_cli(args.model, args.adapter_path)
+        prompt = args.prompt
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        if prompt is None:
+            from . import demo
+
+            prompt = demo.DEFAULT_PROMPT if args.model is None else "hello"
+        view = CanvasView() if args.show_canvas else None
+        overrides = {k: getattr(args, k) for k in SAMPLER_FLAGS}
+        last, started = None, False
+        for last in stream_generate(
+            model, tokenizer, prompt, args.max_tokens, drafts=view is not None and view.live, seed=args.seed,
+            system_prompt=args.system_prompt, enable_thinking=args.think, chat_template=not args.ignore_chat_template,
+            initial_canvas=args.initial_canvas, prefill_step_size=args.prefill_step_size, **overrides,
+        ):
+            if args.verbose and not started:
+                print("=" * 10)  # once the prompt has been accepted
+                started = True
+            if last.is_draft:
+                view.draft(last.draft_text)
+            elif view is not None:
+                view.commit(last.text)
+            else:
+                print(last.text, end="", flush=True)
+        if view is not None:
+            view.close()
+        print()
+        if args.verbose and last is not None:
+            print("=" * 10)
+            print_stats(last)
+        return 0
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {flag_message(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+FLAG_NAMES = {"max_denoising_steps": "--steps", "max_new_tokens": "--max-tokens", "entropy_bound": "--entropy-bound",
+              "t_min": "--t-min", "t_max": "--t-max", "stability_threshold": "--stability-threshold",
+              "confidence_threshold": "--confidence-threshold"}
+
+
+def flag_message(error: Exception) -> str:
+    """A sampler-setting error worded with the command-line flag the user typed."""
+    message = str(error)
+    field = message.split("=", 1)[0]
+    return FLAG_NAMES[field] + message[len(field):] if field in FLAG_NAMES else message
+
+
 class _CallableModule(types.ModuleType):
     """`mlx_dgemma.generate` is this module (for `python -m`) and also works as the `generate` function."""
 
@@ -451,3 +574,6 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())

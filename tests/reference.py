@@ -106,3 +106,23 @@ def rewrite_config_global_form(folder):
     text["global_head_dim"] = overrides[0]["head_dim"]
     text["num_global_key_value_heads"] = overrides[0]["num_key_value_heads"]
     path.write_text(json.dumps(config, indent=2))
+
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+WORDS = ["user", "model", "system", "thought", "hello", "world", "the", "sky", "is", "blue", "why", "hi", "a", "b", "c"]
+
+
+def add_word_tokenizer(folder, vocab_size: int = 512):
+    """A whitespace word-level tokenizer with the Gemma 4 control tokens, so the built-in chat template applies."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    words = WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIAL) - len(WORDS))]
+    vocab = {t: i for i, t in enumerate(SPECIAL + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.save(str(Path(folder) / "tokenizer.json"))
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}
+    ))
