@@ -166,31 +166,32 @@ def diffuse(
         canvas = rng.canvas((B, C), V)  # drawn even when a canvas is given, as the reference does
         if index == 0 and initial_canvas is not None:
             canvas = initial_canvas
-        argmax, probs, ent = canvas, None, None
+        argmax, weights, total, ent = canvas, None, None, None
         done = mx.zeros((B,), dtype=mx.bool_)
         history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
         finished_now = mx.array(finished)
         steps = 0
         for step in range(N, 0, -1):
             passes = passes + (~(done | finished_now)).astype(mx.int32)
-            logits = model.denoise(canvas, cache, self_conditioning_probs=probs)
+            logits = model.denoise_raw(canvas, cache, weights, total)
             temp = mx.array(temperature(step, N, settings.t_min, settings.t_max), dtype=mx.float32)
-            new = _statistics(logits, temp, rng.uniforms((B, C)))
+            new = _statistics(logits, temp, rng.uniforms((B, C)), args.final_logit_softcapping)
             sample = rng.replace_sample(new.sample)
             accept = entropy_bound_accept(new.entropy, settings.entropy_bound)
             new_canvas = renoise(accept, sample, rng.noise((B, C), V))
-            new_argmax, new_probs, new_ent = new.argmax, new.probs, new.entropy
-            if B > 1 and probs is not None:  # rows that already stopped stay frozen
+            new_argmax, new_weights, new_total, new_ent = new.argmax, new.weights, new.total, new.entropy
+            if B > 1 and weights is not None:  # rows that already stopped stay frozen
                 d = done[:, None]
                 new_argmax = mx.where(d, argmax, new_argmax)
                 new_canvas = mx.where(d, canvas, new_canvas)
-                new_probs = mx.where(d[..., None], probs, new_probs)
+                new_weights = mx.where(d[..., None], weights, new_weights)
+                new_total = mx.where(d, total, new_total)
                 new_ent = mx.where(d, ent, new_ent)
             is_stable, history = stable(history, new_argmax)
             done = done | (is_stable & confident(new_ent, settings.confidence_threshold))
-            canvas, argmax, probs, ent = new_canvas, new_argmax, new_probs, new_ent
+            canvas, argmax, weights, total, ent = new_canvas, new_argmax, new_weights, new_total, new_ent
             all_done = mx.all(done)
-            _sync(canvas, argmax, probs, ent, done, passes, all_done, *([history] if S else []))
+            _sync(canvas, argmax, weights, total, ent, done, passes, all_done, *([history] if S else []))
             steps += 1
             host = _to_host(all_done, argmax) if drafts else _to_host(all_done)
             yield Draft(index, steps, host[1] if drafts else None)

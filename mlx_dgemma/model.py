@@ -120,7 +120,8 @@ class Router(nn.Module):
         """Top-k expert ids and weights for the raw residual stream `h` (not a normed copy of it)."""
         x = rms_normalize(h, self.eps) * (self.scale * h.shape[-1] ** -0.5)
         logits = self.proj(x).astype(mx.float32)
-        idx = mx.argpartition(-logits, self.top_k - 1, axis=-1)[..., : self.top_k]
+        # The choice of experts carries no gradient (training differentiates through the weights only).
+        idx = mx.stop_gradient(mx.argpartition(-logits, self.top_k - 1, axis=-1)[..., : self.top_k])
         # softmax over all experts, then renormalised over the chosen k == softmax over the chosen k's logits
         weights = mx.softmax(mx.take_along_axis(logits, idx, axis=-1), axis=-1)
         return idx, weights * self.per_expert_scale[idx]
@@ -279,27 +280,44 @@ class Model(nn.Module):
     ) -> mx.array:
         """Float32 soft-capped logits `[B, C, V]` for the canvas at the positions right after the cache.
 
-        The cache is read, never written. Self-conditioning takes the previous step's (tempered) logits, or,
-        to skip a softmax the sampler has already done, their probabilities.
+        The cache is read, never written. Self-conditioning takes the previous step's (tempered) logits, or
+        their probabilities.
         """
-        canvas = mx.array(canvas)
         if self_conditioning_probs is None and self_conditioning_logits is not None:
             self_conditioning_probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
-        x = self._embed(canvas)
+        return self.softcap(self.denoise_raw(canvas, cache, self_conditioning_probs))
+
+    def denoise_raw(
+        self, canvas: mx.array, cache: Cache, distribution: mx.array | None = None, total: mx.array | None = None
+    ) -> mx.array:
+        """The LM head's output before the soft-cap (the sampler fuses the cap into its own pass).
+
+        `distribution` `[B, C, V]` is the previous step's tempered distribution: probabilities, or unnormalised
+        weights whose sums are `total` `[B, C]` (dividing the `[B, C, H]` soft embedding is cheaper than
+        normalising the weights).
+        """
+        x = self._embed(mx.array(canvas))
         soft = None
-        if self_conditioning_probs is not None:
-            soft = self.embed_tokens_matmul(self_conditioning_probs, transpose=False) * self._embed_scale(x.dtype)
+        if distribution is not None:
+            soft = self.embed_tokens_matmul(distribution, transpose=False)
+            if total is not None:
+                soft = soft / total[..., None].astype(soft.dtype)
+            soft = soft * self._embed_scale(x.dtype)
         h = self.self_conditioning(x, soft)
-        C = canvas.shape[1]
+        C = x.shape[1]
         masks = {t: cache.decoder_mask(i, C) for t, i in self._first_layer.items()}
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, cache.offset, layer_cache, masks[layer.layer_type], encode=False)
-        return self.lm_head(self.norm(h))
+        return self.embed_tokens_matmul(self.norm(h), transpose=True)
 
-    def lm_head(self, h: mx.array) -> mx.array:
-        logits = self.embed_tokens_matmul(h, transpose=True).astype(mx.float32)
+    def softcap(self, logits: mx.array) -> mx.array:
+        """The reference's final soft-cap, in float32."""
+        logits = logits.astype(mx.float32)
         cap = self.args.final_logit_softcapping
         return cap * mx.tanh(logits / cap) if cap else logits
+
+    def lm_head(self, h: mx.array) -> mx.array:
+        return self.softcap(self.embed_tokens_matmul(h, transpose=True))
 
     # --- pieces ----------------------------------------------------------------------------------------------
 

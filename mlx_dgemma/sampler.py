@@ -21,25 +21,33 @@ def temperature(step: int, n_steps: int, t_min: float, t_max: float) -> float:
 
 
 class CanvasStatistics(NamedTuple):
-    probs: mx.array  # [B, C, V] float32, softmax of the tempered logits
+    weights: mx.array  # [B, C, V] float32, exp(z - max z): the tempered distribution, unnormalised
+    total: mx.array  # [B, C] sum of the weights (softmax = weights / total)
     entropy: mx.array  # [B, C] float32, natural log
     argmax: mx.array  # [B, C]
     sample: mx.array  # [B, C], one categorical draw per position
 
 
-def canvas_statistics(logits: mx.array, temp: mx.array, uniforms: mx.array) -> CanvasStatistics:
+def canvas_statistics(
+    logits: mx.array, temp: mx.array, uniforms: mx.array, softcap: float | None = None
+) -> CanvasStatistics:
     """Everything a step needs from the tempered logits, with the log-normaliser computed once.
 
-    `uniforms` `[B, C]` in [0, 1) drive inverse-CDF sampling: one random number per position instead of one per
-    vocabulary entry (Gumbel-max), which would cost a full pass of random generation over B x C x V.
+    With `softcap`, `logits` are the raw head outputs and the reference's float32 soft-cap is applied here, so
+    that it fuses with the tempering into one pass over the B x C x V logits. `uniforms` `[B, C]` in [0, 1) drive
+    inverse-CDF sampling: one random number per position instead of one per vocabulary entry (Gumbel-max),
+    which would cost a full pass of random generation.
     """
-    z = logits.astype(mx.float32) / temp
-    shifted, weights, probs, ent = _softmax_entropy(z)
-    return CanvasStatistics(probs, ent, mx.argmax(z, axis=-1), sample_categorical(weights, uniforms))
+    z = logits.astype(mx.float32)
+    if softcap:
+        z = softcap * mx.tanh(z / softcap)
+    z = z / temp
+    shifted, weights, total, ent = _softmax_entropy(z)
+    return CanvasStatistics(weights, total, ent, mx.argmax(z, axis=-1), sample_categorical(weights, uniforms))
 
 
 def _softmax_entropy(z: mx.array):
-    """(z - max, exp of it, softmax, entropy), accurate in float32 for peaked and flat distributions alike.
+    """(z - max, exp of it, its sum, entropy), accurate in float32 for peaked and flat distributions alike.
 
     After shifting by the max, the top weight is exactly 1; a running float32 sum that meets the 1 first drops
     every term below 6e-8 of it, which loses all the entropy of a confident position. Summing the other
@@ -49,9 +57,9 @@ def _softmax_entropy(z: mx.array):
     weights = mx.exp(shifted)
     top_ties = _sum_last((shifted == 0).astype(mx.float32))
     rest = _sum_last(mx.where(shifted < 0, weights, 0.0)) + (top_ties - 1)
-    probs = weights / (1 + rest)[..., None]
-    ent = mx.log1p(rest) - _sum_last(probs * shifted)  # every term of the sum is <= 0: no cancellation
-    return shifted, weights, probs, ent
+    # every term of the sum is <= 0: no cancellation
+    ent = mx.log1p(rest) - _sum_last(weights * shifted) / (1 + rest)
+    return shifted, weights, 1 + rest, ent
 
 
 BLOCK = 256
@@ -98,6 +106,12 @@ def sample_categorical(weights: mx.array, uniforms: mx.array) -> mx.array:
 def entropy(logits: mx.array) -> mx.array:
     """Entropy (nats) of softmax(logits) over the last axis."""
     return _softmax_entropy(logits.astype(mx.float32))[3]
+
+
+def softmax(logits: mx.array) -> mx.array:
+    """Softmax over the last axis with the same normaliser as the statistics (for self-conditioning logits)."""
+    _, weights, total, _ = _softmax_entropy(logits.astype(mx.float32))
+    return weights / total[..., None]
 
 
 def entropy_bound_accept(entropy: mx.array, bound: float) -> mx.array:

@@ -148,3 +148,15 @@ def test_finalize_canvas_eos_and_pad_rules():
     assert now.tolist() == [True, False, True]
     out, now = finalize_canvas(canvas, np.zeros(3, bool), eos_ids=[1], pad_token_id=None, reached_max_length=True)
     assert out.tolist() == canvas.tolist() and now.all()
+
+
+def test_statistics_apply_the_soft_cap_when_given_raw_logits():
+    raw = mx.array(np.random.default_rng(2).normal(size=(2, 8, 1280)).astype(np.float32) * 40)
+    u = mx.random.uniform(shape=(2, 8), key=mx.random.key(1))
+    fused = canvas_statistics(raw, mx.array(0.6), u, softcap=30.0)
+    capped = canvas_statistics(30.0 * mx.tanh(raw / 30.0), mx.array(0.6), u)
+    for a, b in zip(fused, capped):
+        assert np.allclose(np.array(a), np.array(b), atol=1e-6)
+    probs = np.array(fused.weights) / np.array(fused.total)[..., None]
+    expected = torch.softmax(30 * torch.tanh(torch.from_numpy(np.array(raw)) / 30) / 0.6, dim=-1).numpy()
+    assert np.allclose(probs, expected, atol=1e-6)
