@@ -61,9 +61,10 @@ class CanvasView:
         self.stream.flush()
         self.drawn = True
 
-    def commit(self, text: str):
+    def commit(self, text: str, style: str = ""):
+        """Write committed text; `style` (an SGR escape such as DIM) applies on a live terminal only."""
         self._erase()
-        self.stream.write(text)
+        self.stream.write(style + text + RESET if style and text and self.live else text)
         self.stream.flush()
         _, self.column = advance(text, self.column, self._columns()) if self.live else (0, 0)
 
