@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from .config import ModelArgs, SamplerConfig, read_json
 from .convert import make_plan, resolve_checkpoint, source_dtype
+from .cpu import tune_allocator
 from .model import VISION_PREFIXES, Model, checkpoint_name
 from .quantize import apply_to_model
 from .weights import list_tensors
@@ -32,6 +33,8 @@ def load_weights(folder: Path, config: dict, args: ModelArgs) -> dict[str, mx.ar
 
 
 def load_model(folder: Path, lazy: bool = False) -> Model:
+    if mx.default_device() == mx.cpu:
+        tune_allocator()
     folder = Path(folder)
     config = read_json(folder / "config.json")
     args = ModelArgs.from_dict(config, source=str(folder / "config.json"))
@@ -43,7 +46,7 @@ def load_model(folder: Path, lazy: bool = False) -> Model:
     model.sampler_defaults = SamplerConfig.from_folder(folder, args)
     model.eval()
     if not lazy:
-        mx.eval(model.parameters())
+        mx.eval(model.state)  # parameters and the private RoPE tables, so any thread can use the model
     return model
 
 
