@@ -27,7 +27,16 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs, read_json
 from .model import VISION_PREFIXES, Model, checkpoint_name
-from .quantize import RECIPES, QuantSpec, check_settings, config_block, is_quantizable, spec_for
+from .quantize import (
+    RECIPES,
+    QuantSpec,
+    check_settings,
+    config_block,
+    is_quantizable,
+    module_path,
+    recorded_spec,
+    spec_for,
+)
 from .weights import (
     DTYPE_NAMES,
     CheckpointError,
@@ -35,6 +44,7 @@ from .weights import (
     SafetensorsWriter,
     TensorSource,
     list_tensors,
+    release_read_buffer,
 )
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's 5 GB shards
@@ -122,7 +132,17 @@ class Entry:
         rows = self.shape[0] if self.shape else 1
         per_row = max(1, math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
         step = max(1, CHUNK_ELEMENTS // per_row)
-        names = [t.name for t in self.outputs()]
+        outputs = self.outputs()
+        names = [t.name for t in outputs]
+        if self.source_quant is not None and self.quant == self.source_quant:
+            # Kept at the source's settings: the packed parts are copied, never re-quantized (which would not be
+            # lossless); only float scales and biases follow the output dtype.
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                for t, key in zip(outputs, ("weight", "scales", "biases")):
+                    part = self.packed[key].read(start, stop)
+                    writer.write(t.name, part if part.dtype == t.dtype else part.astype(t.dtype))
+            return
         for start in range(0, rows, step):
             x = self.read(start, min(rows, start + step))
             if self.is_float:
@@ -210,13 +230,19 @@ def make_plan(
     """Map, check and plan every output tensor. With `tensors=None` the plan comes from the config alone."""
     expected = expected_shapes(args)
     source_q = config.get("quantization")
+    if source_q and quantize:
+        raise ConversionError(f"{folder}: the checkpoint is already quantized; convert with --dequantize first")
+    if dequantize and not source_q:
+        raise ConversionError(f"{folder}: --dequantize needs a quantized MLX folder (its config.json has no 'quantization')")
     if tensors is None:
         shapes = {**expected, **vision_shapes(config.get("vision_config"), args.hidden_size)}
         entries = [Entry(n, s) for n, s in shapes.items()]
+        if source_q:  # sized from the config: the converter quantizes every quantizable tensor
+            for e in entries:
+                if is_quantizable(e.name):
+                    e.source_quant = recorded_spec(source_q, module_path(e.name))
     else:
         entries = _entries_from_sources(tensors, source_q, expected, folder)
-    if source_q and quantize:
-        raise ConversionError(f"{folder}: the checkpoint is already quantized; convert with --dequantize first")
     specs = {}
     for e in entries:
         if e.is_float:
@@ -257,9 +283,7 @@ def _entries_from_sources(tensors, source_q, expected, folder) -> list[Entry]:
     if source_q:  # an MLX quantized folder: fold weight/scales/biases back into one logical tensor
         for name in [n for n in by_name if n.endswith(".scales")]:
             module = name[: -len(".scales")]
-            override = source_q.get(module)
-            spec = QuantSpec(**{"mode": "affine", **{k: source_q[k] for k in ("bits", "group_size", "mode") if k in source_q},
-                                **(override if isinstance(override, dict) else {})})
+            spec = recorded_spec(source_q, module)
             packed = {k: by_name.pop(f"{module}.{k}") for k in ("weight", "scales", "biases") if f"{module}.{k}" in by_name}
             w = packed["weight"]
             shape = (*w.shape[:-1], w.shape[-1] * 32 // spec.bits)
@@ -354,6 +378,24 @@ def bits_per_weight(plan: Plan) -> float:
 # --- the public entry point ------------------------------------------------------------------------------------
 
 
+def _check_flags(dtype, quantize, q_bits, q_group_size, q_mode, quant_recipe, dequantize) -> tuple:
+    """Every option checked before any file is read; returns (bits, group_size), None unless quantizing."""
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported (choose from {', '.join(DTYPE_NAMES)})")
+    if quant_recipe not in RECIPES:
+        raise ConversionError(f"--quant-recipe {quant_recipe!r} is not supported (choose from {', '.join(RECIPES)})")
+    if quantize and dequantize:
+        raise ConversionError("--quantize and --dequantize cannot be used together")
+    if quantize:
+        return check_settings(q_bits, q_group_size, q_mode)
+    given = [flag for flag, value in (("--q-bits", q_bits), ("--q-group-size", q_group_size)) if value is not None]
+    if q_mode != "affine":
+        given.append("--q-mode")
+    if given:
+        raise ConversionError(f"{', '.join(given)} given without -q/--quantize")
+    return None, None
+
+
 def convert(
     hf_path: str,
     mlx_path: str = "mlx_model",
@@ -372,13 +414,7 @@ def convert(
     """Convert `hf_path` (a folder or Hub id) into an MLX folder at `mlx_path`; returns the folder."""
     say = print if verbose else (lambda *a, **k: None)
     out = Path(mlx_path).expanduser()
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported (choose from {', '.join(DTYPE_NAMES)})")
-    if quant_recipe not in RECIPES:
-        raise ConversionError(f"--quant-recipe {quant_recipe!r} is not supported (choose from {', '.join(RECIPES)})")
-    if quantize and dequantize:
-        raise ConversionError("--quantize and --dequantize cannot be used together")
-    bits, group_size = check_settings(q_bits, q_group_size, q_mode) if quantize else (None, None)
+    bits, group_size = _check_flags(dtype, quantize, q_bits, q_group_size, q_mode, quant_recipe, dequantize)
     if out.exists():
         raise ConversionError(f"{out}: already exists; choose another --mlx-path or delete it")
 
@@ -388,11 +424,11 @@ def convert(
     args = ModelArgs.from_dict(config, source=str(source / "config.json"))
     tensors = list_tensors(source)
     target = DTYPE_NAMES[dtype] if dtype else source_dtype(config, tensors)
-    say(f"[INFO] Using dtype: {next(k for k, v in DTYPE_NAMES.items() if v == target)}")
     plan = make_plan(
         args, config, tensors, dtype=target, quantize=quantize, bits=bits, group_size=group_size, mode=q_mode,
         recipe=quant_recipe, dequantize=dequantize, folder=source,
     )
+    say(f"[INFO] Using dtype: {next(k for k, v in DTYPE_NAMES.items() if v == target)}")
     if quantize:
         say(f"[INFO] Quantizing ({quant_recipe} recipe, {bits} bits, group size {group_size}, {q_mode})")
 
@@ -407,6 +443,8 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_read_buffer()
     seconds = time.perf_counter() - start
     total = sum(e.nbytes for e in plan.entries)
     if quantize:
@@ -427,23 +465,37 @@ COMPONENTS = [  # (label, test on our tensor name), first match wins
 ]
 
 
+def config_path_for(hf_path: str, revision: str | None = None) -> Path:
+    """`config.json` of a local folder (or the file itself), or of a Hub repo: that one file is downloaded."""
+    path = Path(hf_path).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return path
+    if path.exists() or hf_path.count("/") != 1 or hf_path.startswith((".", "/", "~")):
+        raise ConversionError(f"{hf_path}: no config.json there (and not a Hugging Face repo id)")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(hf_path, "config.json", revision=revision))
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise ConversionError(f"{hf_path}: no local folder and config.json could not be downloaded ({type(e).__name__}: {e})") from None
+
+
 def estimate(
     hf_path: str, *, dtype: str | None = None, quantize: bool = False, q_bits: int | None = None,
-    q_group_size: int | None = None, q_mode: str = "affine", quant_recipe: str = "mixed",
+    q_group_size: int | None = None, q_mode: str = "affine", quant_recipe: str = "mixed", dequantize: bool = False,
+    revision: str | None = None,
 ) -> tuple[list[tuple[str, int, int]], Plan]:
     """Output size per component from `config.json` alone: [(component, bytes, parameters)], plan."""
-    bits, group_size = check_settings(q_bits, q_group_size, q_mode) if quantize else (None, None)
-    path = Path(hf_path).expanduser()
-    config_path = path / "config.json" if path.is_dir() else path
-    if not config_path.is_file():
-        source = resolve_checkpoint(hf_path)
-        config_path = source / "config.json"
+    bits, group_size = _check_flags(dtype, quantize, q_bits, q_group_size, q_mode, quant_recipe, dequantize)
+    config_path = config_path_for(hf_path, revision)
     config = read_json(config_path)
     args = ModelArgs.from_dict(config, source=str(config_path))
     target = DTYPE_NAMES[dtype] if dtype else source_dtype(config, None)
     plan = make_plan(
         args, config, None, dtype=target, quantize=quantize, bits=bits, group_size=group_size, mode=q_mode,
-        recipe=quant_recipe, dequantize=False,
+        recipe=quant_recipe, dequantize=dequantize, folder=config_path.parent,
     )
     sizes = {label: [0, 0] for label, _ in COMPONENTS}
     for e in plan.entries:

@@ -78,6 +78,15 @@ def module_path(weight_name: str) -> str:
     return weight_name[: -len(".weight")]
 
 
+def recorded_spec(quantization: dict, module: str) -> QuantSpec:
+    """The settings a `quantization` block records for one module (its override, else the global ones)."""
+    override = quantization.get(module)
+    settings = {"mode": "affine", **{k: quantization[k] for k in ("bits", "group_size", "mode") if k in quantization}}
+    if isinstance(override, dict):
+        settings.update({k: override[k] for k in ("bits", "group_size", "mode") if k in override})
+    return QuantSpec(**settings)
+
+
 def config_block(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:
     """mlx-lm's `quantization` block: the global settings plus an entry for every module that differs."""
     block = default.as_dict()
