@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +78,11 @@ class TensorSource:
             return _torch_to_mx(self._torch.reshape(shape)[start:stop]).reshape([stop - start] + shape[1:])
         np_dtype = np.dtype(ST_TO_NP[self.dtype])
         row = int(np.prod(shape[1:])) * np_dtype.itemsize
-        with open(self.file, "rb") as f:
+        data = _scratch((stop - start) * row)
+        with open(self.file, "rb", buffering=0) as f:
             f.seek(self._offset + start * row)
-            data = f.read((stop - start) * row)
-        if len(data) != (stop - start) * row:
+            got = f.readinto(data)
+        if got != (stop - start) * row:
             raise CheckpointError(f"{self.file}: truncated while reading {self.name!r}")
         a = mx.array(np.frombuffer(data, dtype=np_dtype).reshape([stop - start] + shape[1:]))
         if self.dtype == "BF16":
@@ -88,6 +90,23 @@ class TensorSource:
         elif self.dtype == "F64":
             a = a.astype(mx.float32)
         return a if self.shape else a.reshape(())
+
+
+_read_buffer = threading.local()
+
+
+def _scratch(nbytes: int) -> memoryview:
+    """A reused read buffer (one per thread): a fresh multi-megabyte allocation per chunk costs more in page
+    faults than the read itself. `read` copies out of it before returning."""
+    buffer = getattr(_read_buffer, "data", None)
+    if buffer is None or len(buffer) < nbytes:
+        buffer = _read_buffer.data = bytearray(nbytes)
+    return memoryview(buffer)[:nbytes]
+
+
+def release_read_buffer():
+    """Free this thread's read buffer (at most one converter chunk, about 64 MB)."""
+    _read_buffer.data = None
 
 
 def _torch_to_mx(t) -> mx.array:
@@ -243,13 +262,13 @@ class SafetensorsWriter:
 
     def write(self, name: str, chunk: mx.array):
         """Append the next rows of tensor `name`."""
-        data = to_numpy(chunk).tobytes()
+        data = np.ascontiguousarray(to_numpy(chunk)).reshape(-1).view(np.uint8)  # no extra copy
         pos = self._cursor[name]
-        if pos + len(data) > self._end[name]:
+        if pos + data.nbytes > self._end[name]:
             raise RuntimeError(f"writer: too many bytes for {name!r}")
         self._f.seek(self._base + pos)
         self._f.write(data)
-        self._cursor[name] = pos + len(data)
+        self._cursor[name] = pos + data.nbytes
 
     def abort(self):
         self._f.close()
