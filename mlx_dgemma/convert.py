@@ -535,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="Read only config.json and print the output size per component.")
     p.add_argument("--max-shard-size", type=parse_size, default=MAX_SHARD_BYTES, help="Largest weight file. Default: 5GB.")
     p.add_argument("--revision", help="Hub revision to download.")
+    p.add_argument("--to-hf", action="store_true",
+                   help="The other way: export the MLX folder --mlx-path to a Hugging Face folder --hf-path "
+                        "(dequantized; loads with transformers' from_pretrained).")
+    p.add_argument("--adapter-path", help="With --to-hf: fuse these LoRA adapters into the exported weights.")
     return p
 
 
@@ -547,6 +551,12 @@ def main(argv=None):
     # A terminated conversion must still clean up its temporary folder.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.to_hf:
+            from .export import export_hf
+
+            export_hf(args.mlx_path, args.hf_path, adapter_path=args.adapter_path, dtype=args.dtype,
+                      max_shard_size=args.max_shard_size)
+            return 0
         if args.dry_run:
             rows, plan = estimate(
                 args.hf_path, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
