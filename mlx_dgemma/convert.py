@@ -561,6 +561,7 @@ def main(argv=None):
             rows, plan = estimate(
                 args.hf_path, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
                 q_group_size=args.q_group_size, q_mode=args.q_mode, quant_recipe=args.quant_recipe,
+                dequantize=args.dequantize, revision=args.revision,
             )
             width = max(len(r[0]) for r in rows)
             for label, nbytes, params in rows:
