@@ -179,7 +179,9 @@ def diffuse(
             sample = rng.replace_sample(new.sample)
             accept = entropy_bound_accept(new.entropy, settings.entropy_bound)
             new_canvas = renoise(accept, sample, rng.noise((B, C), V))
-            new_argmax, new_weights, new_total, new_ent = new.argmax, new.weights, new.total, new.entropy
+            # The soft embedding multiplies in the model's dtype anyway: keep the carried weights in it.
+            new_weights = new.weights.astype(model.dtype)
+            new_argmax, new_total, new_ent = new.argmax, new.total, new.entropy
             if B > 1 and weights is not None:  # rows that already stopped stay frozen
                 d = done[:, None]
                 new_argmax = mx.where(d, argmax, new_argmax)

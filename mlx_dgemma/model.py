@@ -348,6 +348,12 @@ class Model(nn.Module):
     def layer_types(self) -> list[str]:
         return self.args.layer_types
 
+    @property
+    def dtype(self):
+        """The activations' dtype (the embedding's, or its scales' when quantized)."""
+        e = self.embed_tokens
+        return e.scales.dtype if isinstance(e, nn.QuantizedEmbedding) else e.weight.dtype
+
     # --- checkpoint names ------------------------------------------------------------------------------------
 
     def sanitize(self, weights: dict) -> dict:
