@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from . import cpu
 from .config import SamplerConfig
 from .sampler import (
     canvas_statistics,
@@ -121,7 +122,13 @@ def prefill(model, ids: mx.array, cache, mask: mx.array | None = None, step: int
         mx.eval(cache.state())
 
 
-_statistics = mx.compile(canvas_statistics)
+_compiled_statistics = mx.compile(canvas_statistics)
+
+
+def _statistics(*args):
+    # On the CPU the sampler's exp and tanh are compiled kernels around a bit-cast already; an enclosing compile
+    # would only slow them down.
+    return (canvas_statistics if cpu.use_fast_math() else _compiled_statistics)(*args)
 
 
 def _sync(*arrays):

@@ -160,3 +160,15 @@ def test_statistics_apply_the_soft_cap_when_given_raw_logits():
     probs = np.array(fused.weights) / np.array(fused.total)[..., None]
     expected = torch.softmax(30 * torch.tanh(torch.from_numpy(np.array(raw)) / 30) / 0.6, dim=-1).numpy()
     assert np.allclose(probs, expected, atol=1e-6)
+
+
+def test_cpu_exp_and_tanh_match_libm():
+    """The CPU backend's polynomial exp/tanh (used by the sampler there) stay at float32 rounding."""
+    from mlx_dgemma import cpu
+
+    x = np.linspace(-87, 0, 100_001).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(np.array(cpu.exp_nonpositive(mx.array(x))) - exact) / exact) < 2e-7
+    assert np.array(cpu.exp_nonpositive(mx.array([-1e4, -88.0, 0.0]))).tolist() == [0.0, 0.0, 1.0]
+    y = np.linspace(-30, 30, 200_001).astype(np.float32)
+    assert np.max(np.abs(np.array(cpu.tanh(mx.array(y))) - np.tanh(y.astype(np.float64)))) < 2e-7
