@@ -2,10 +2,10 @@
 
 Four tasks whose answers can be checked exactly:
 
-    sudoku 1.3. .4.1 3... .2.4   ->  1234 3412 2143 4321     (4x4 Sudoku, a unique solution, "." = blank)
-    sort 42 7 19 88 3            ->  3 7 19 42 88
-    reverse diffusion            ->  noisuffid
-    add 482+379                  ->  861
+    sudoku .2.3 .... 2.3. .4.2   ->  1243 4321 2134 3412     (4x4 Sudoku, a unique solution, "." = blank)
+    sort 7 2 9 4 1               ->  1 2 4 7 9
+    reverse diffuse              ->  esuffid
+    add 48+37                    ->  85
 
 Sudoku is the showcase for diffusion: every cell constrains the others, so a model that fills the whole grid
 at once, most certain cells first, suits it better than one that must commit to cells left to right.
@@ -87,7 +87,7 @@ def make_reverse(rng: random.Random) -> tuple[str, str]:
 
 
 def make_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     return f"add {a}+{b}", str(a + b)
 
 
@@ -128,8 +128,9 @@ def bucket(prompt: str) -> int:
     return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 10
 
 
-def examples(task: str, count: int, seed: int, buckets: set[int]) -> list[dict]:
-    """`count` distinct examples of `task` whose prompts fall in `buckets`."""
+def examples(task: str, count: int, seed: int, buckets: set[int], distinct: bool = True) -> list[dict]:
+    """`count` examples of `task` whose problems fall in `buckets`; all different unless `distinct` is False
+    (training sets of the small tasks, two-digit addition has only 8,100 problems, repeat some)."""
     rng = random.Random(f"{task}-{seed}-{sorted(buckets)}")
     seen, out = set(), []
     attempts = 0
@@ -139,22 +140,25 @@ def examples(task: str, count: int, seed: int, buckets: set[int]) -> list[dict]:
             raise RuntimeError(f"{task}: cannot find {count} distinct examples in buckets {sorted(buckets)}")
         prompt, answer = make(task, rng)
         problem = prompt.replace(":", "", 1)  # the split and the de-duplication ignore the label's colon
-        if bucket(problem) not in buckets or problem in seen:
+        if bucket(problem) not in buckets or (distinct and problem in seen):
             continue
         seen.add(problem)
         out.append({"prompt": prompt, "completion": answer})
     return out
 
 
-def write_data(out: Path, seed: int, train_per_task: int, valid_per_task: int, test_per_task: int):
+TRAIN_MIX = {"sudoku": 20_000, "sort": 20_000, "reverse": 50_000, "add": 50_000}  # the slow learners get more
+
+
+def write_data(out: Path, seed: int, train_per_task: dict[str, int], valid_per_task: int, test_per_task: int):
     out.mkdir(parents=True, exist_ok=True)
     splits = {
         "train": (train_per_task, set(range(2, 10))),
-        "valid": (valid_per_task, {1}),
-        "test": (test_per_task, {0}),
+        "valid": ({t: valid_per_task for t in TASKS}, {1}),
+        "test": ({t: test_per_task for t in TASKS}, {0}),
     }
-    for name, (count, buckets) in splits.items():
-        rows = [r for task in TASKS for r in examples(task, count, seed, buckets)]
+    for name, (counts, buckets) in splits.items():
+        rows = [r for task in TASKS for r in examples(task, counts[task], seed, buckets, distinct=name != "train")]
         random.Random(f"shuffle-{name}-{seed}").shuffle(rows)
         with open(out / f"{name}.jsonl", "w") as f:
             for r in rows:
@@ -213,11 +217,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="Folder for train.jsonl, valid.jsonl, test.jsonl")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=25_000, help="Training examples per task")
+    p.add_argument("--train", type=int, help="Training examples per task (default: TRAIN_MIX)")
     p.add_argument("--valid", type=int, default=50, help="Validation examples per task")
     p.add_argument("--test", type=int, default=500, help="Held-out test examples per task")
     a = p.parse_args(argv)
-    write_data(Path(a.out), a.seed, a.train, a.valid, a.test)
+    mix = {t: a.train for t in TASKS} if a.train else TRAIN_MIX
+    write_data(Path(a.out), a.seed, mix, a.valid, a.test)
 
 
 if __name__ == "__main__":
