@@ -226,17 +226,20 @@ def main(argv=None):
     p.add_argument("--adapter-path", required=True, help="The adapter folder written by mlx_dgemma.train.")
     p.add_argument("--save-path", required=True, help="Output folder for the fused model (must not exist).")
     args = p.parse_args(argv)
+    from .convert import resolve_checkpoint
     from .loading import load
     from .train import save_model
+
+    # Under `python -m` this file is __main__, a second copy of the module: `load` applies the package
+    # module's LoRALinear, so fuse with the package module's function.
+    from .lora import fuse_model as fuse
 
     try:
         out = Path(args.save_path)
         if out.exists():
             raise AdapterError(f"{out}: already exists")
         model, _ = load(args.model, adapter_path=args.adapter_path)
-        n = fuse_model(model)
-        from .convert import resolve_checkpoint
-
+        n = fuse(model)
         save_model(model, resolve_checkpoint(args.model), out)
         print(f"[INFO] Fused {n} adapters into {out}")
         return 0

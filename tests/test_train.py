@@ -238,6 +238,35 @@ def test_lora_change_save_load_and_fuse(folder, tmp_path):
     assert mx.allclose(logits(loaded), adapted, atol=1e-4)
 
 
+def test_lora_fuse_command_line(folder, tmp_path):
+    """`python -m mlx_dgemma.lora` (the module is __main__ there, a second copy of itself) writes a fused model."""
+    import subprocess
+    import sys
+
+    base = tmp_path / "base"
+    T.save_model(T.build_model(folder, from_scratch=True, seed=0), folder, base)
+    model, _ = mlx_dgemma.load(base)
+    mx.random.seed(0)
+    apply_lora(model, rank=2, scale=1.0)
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = 0.1 * mx.random.normal(m.lora_b.shape)
+    save_adapters(model, tmp_path / "adapters", {"rank": 2, "scale": 1.0, "dropout": 0.0, "num_layers": -1})
+    run = subprocess.run([sys.executable, "-m", "mlx_dgemma.lora", "--model", str(base), "--adapter-path",
+                          str(tmp_path / "adapters"), "--save-path", str(tmp_path / "fused")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    fused, _ = mlx_dgemma.load(tmp_path / "fused")
+    prompt, canvas = mx.array([[2, 5, 20]]), mx.array([[30] * 8])
+
+    def logits(m):
+        cache = m.make_cache()
+        m.encode(prompt, cache)
+        return m.denoise(canvas, cache)
+
+    assert float(mx.abs(logits(fused) - logits(model)).max()) < 1e-4
+
+
 def test_lora_over_quantized_base_fuses(folder, tmp_path):
     model = T.build_model(folder, from_scratch=True, seed=0)
     nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: isinstance(m, nn.Linear))
