@@ -350,9 +350,9 @@ class Model(nn.Module):
 
     @property
     def dtype(self):
-        """The activations' dtype (the embedding's, or its scales' when quantized)."""
-        e = self.embed_tokens
-        return e.scales.dtype if isinstance(e, nn.QuantizedEmbedding) else e.weight.dtype
+        """The activations' dtype. Read from the final norm: it is never quantized, whereas a quantized embedding
+        holds integers (and mxfp modes keep uint8 scales)."""
+        return self.norm.weight.dtype
 
     # --- checkpoint names ------------------------------------------------------------------------------------
 
