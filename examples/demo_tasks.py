@@ -174,9 +174,15 @@ SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|user>", "<|model>", 
 CHARACTERS = list("\n 0123456789abcdefghijklmnopqrstuvwxyz+-*=.,:;?!'\"()/_|#")
 
 # One token per role keeps prompts short: <bos><|user>sort 3 1 2<turn|><|model>  ->  1 2 3<eos>
+# The demo solves one problem per message and knows no conversation (it is trained on single problems), so the
+# template renders only the latest user message (and a reply to it): in `python -m mlx_dgemma.chat` every message
+# is a new problem.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}\n"
-    "{%- for message in messages -%}\n"
+    "{%- set ns = namespace(start=0) -%}\n"
+    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set ns.start = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}\n"
+    "{%- for message in messages[ns.start:] -%}\n"
     "{%- if message['role'] == 'user' -%}{{- '<|user>' -}}\n"
     "{%- elif message['role'] in ['assistant', 'model'] -%}{{- '<|model>' -}}\n"
     "{%- elif message['role'] == 'system' -%}{{- '<|system>' -}}\n"

@@ -31,6 +31,7 @@ TOL = 1e-4
 # BENCHMARKS.md has the full held-out measurement: 500 problems per task, ours and the reference's.
 SAMPLE = 25
 EXPECTED = {"sudoku": 23, "sort": 24, "reverse": 25, "add": 22}
+CHAT_EXPECTED = 5  # of the five turns of the conversation below
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,17 @@ def test_demo_answers_a_held_out_sample(demo_model):
         assert stats.tokens_per_forward.mean() > 1.0  # diffusion commits several tokens per pass
     for task, expected in EXPECTED.items():
         assert correct[task] >= expected - 1, (task, correct)
+
+
+def test_demo_chat_keeps_answering_after_the_first_turn(demo_model):
+    """In `python -m mlx_dgemma.chat` each message is a new problem: the demo template renders only the latest one."""
+    from mlx_dgemma.chat import ChatSession
+
+    model, tokenizer = demo_model
+    chat = ChatSession(model, tokenizer, seed=0)
+    rows = [demo_tasks.examples(task, 1, 0, {0})[0] for task in ("sort", "sudoku", "reverse", "add", "sort")]
+    answers = [chat.send(r["prompt"]).text for r in rows]
+    assert sum(demo_tasks.check(r["prompt"], a) for r, a in zip(rows, answers)) >= CHAT_EXPECTED, answers
 
 
 # --- export --------------------------------------------------------------------------------------------------
