@@ -1,37 +1,28 @@
 """Tuning for MLX's CPU backend; nothing here changes results beyond float32 rounding, only speed.
 
-MLX's CPU backend takes every intermediate array from malloc and gives it back on free. glibc serves blocks
-above its mmap threshold (at most 32 MB) with fresh mappings, so each vocabulary-sized intermediate of a denoising
-step (256 x 262,144 float32 = 268 MB) is page-faulted in from zero, 65k faults, about 0.3 s on a 2-core VM, for
-every op. Raising the threshold keeps such blocks on the heap, where freed memory is reused. Set
-MLX_DGEMMA_KEEP_MALLOC=1 to leave the allocator alone.
+MLX keeps freed buffers in a cache for reuse, but on the CPU backend that cache is limited to 32 MB by default
+(on Metal it is the memory limit). Every vocabulary-sized intermediate of a denoising step (256 x 262,144 float32
+= 268 MB) then goes back to malloc, and glibc hands such blocks back to the kernel, so the next step page-faults
+them in from zero: ~900k faults, about 1 s of a 3-4 s step on a 2-core VM. `keep_buffers` gives the CPU the
+same cache limit Metal has. Set MLX_DGEMMA_CPU_CACHE=0 to keep MLX's default.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import math
 import os
-import sys
+import threading
 
 import mlx.core as mx
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_done = False
 
-
-def tune_allocator() -> bool:
-    """Keep large freed blocks for reuse (glibc only); returns whether anything was changed."""
-    global _done
-    if _done or not sys.platform.startswith("linux") or os.environ.get("MLX_DGEMMA_KEEP_MALLOC"):
+def keep_buffers() -> bool:
+    """On the CPU backend, let MLX cache freed buffers up to its memory limit; returns whether it changed."""
+    if mx.default_device() != mx.cpu or os.environ.get("MLX_DGEMMA_CPU_CACHE") == "0":
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
-    except (OSError, AttributeError):  # not glibc
-        return False
-    _done = ok
-    return ok
+    limit = mx.get_memory_limit()
+    return mx.set_cache_limit(limit) != limit
 
 
 # --- exp and tanh for the sampler's vocabulary-sized passes ------------------------------------------------------
@@ -60,18 +51,13 @@ def _exp_parts(x):
     return mx.where(x < -87.0, 0.0, p), (n.astype(mx.int32) + 127) << 23
 
 
-def exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0 (the shifted logits of a softmax)."""
-    mantissa, exponent = _exp_parts(x)
-    return mantissa * exponent.view(mx.float32)
-
-
 _TANH_CLAMP = 7.90531110763549805  # tanh rounds to +-1 in float32 beyond this
 
 
-@mx.compile
-def tanh(x: mx.array) -> mx.array:
-    """tanh as a ratio of odd/even polynomials (the rational approximation Eigen uses), within 3e-7 absolute."""
+def tanh_rational(x: mx.array) -> mx.array:
+    """tanh as a ratio of odd/even polynomials (the rational approximation Eigen uses), within 3e-7 absolute.
+
+    Uncompiled, so that callers can fuse it into their own compiled functions (training's GELU)."""
     x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
     x2 = x * x
     p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
@@ -86,5 +72,69 @@ def tanh(x: mx.array) -> mx.array:
     return x * p / q
 
 
+_tanh_compiled = mx.compile(tanh_rational)
+
+
+def tanh(x: mx.array) -> mx.array:
+    """tanh: the rational approximation on the CPU, the backend's own elsewhere."""
+    return _tanh_compiled(x) if use_fast_math() else mx.tanh(x)
+
+
+@mx.compile
+def _soft_cap_rational(x, cap, temp):
+    return cap * tanh_rational(x / cap) / temp
+
+
+@mx.compile
+def _soft_cap_libm(x, cap, temp):
+    return cap * mx.tanh(x / cap) / temp
+
+
+def soft_cap(x: mx.array, cap: float, temp: mx.array | float = 1.0) -> mx.array:
+    """`cap * tanh(x / cap) / temp` in one fused pass (four passes over the logits when written out)."""
+    return (_soft_cap_rational if use_fast_math() else _soft_cap_libm)(x, mx.array(cap, x.dtype), mx.array(temp, x.dtype))
+
+
+def exp_nonpositive(x: mx.array) -> mx.array:
+    """exp(x) for x <= 0 (the shifted logits of a softmax): the polynomial on the CPU, the backend's elsewhere."""
+    if not use_fast_math():
+        return mx.exp(x)
+    mantissa, exponent = _exp_parts(x)
+    return mantissa * exponent.view(mx.float32)
+
+
 def use_fast_math() -> bool:
+    """Whether the arithmetic exp/tanh replace libm's (on the CPU backend, unless MLX_DGEMMA_LIBM=1)."""
     return mx.default_device() == mx.cpu and not os.environ.get("MLX_DGEMMA_LIBM")
+
+
+# --- lanes: the vocabulary-sized passes split across CPU threads ---------------------------------------------------
+#
+# MLX's CPU backend runs each elementwise op and reduction on one thread, so the sampler's passes over the
+# B x C x V logits use one core whatever the machine has. Everything after the final norm is independent per
+# canvas position, so the positions are split into lanes, one CPU stream (one worker thread) each; the halves of a
+# 2-core machine then run side by side. The GPU has no use for this: there, one lane on the default stream.
+
+_local = threading.local()  # MLX streams belong to the thread that made them
+
+
+def lanes() -> list:
+    """Streams for the per-position work: one per core on the CPU (MLX_DGEMMA_LANES overrides), else [None]."""
+    if mx.default_device() != mx.cpu:
+        return [None]
+    if getattr(_local, "lanes", None) is None:
+        n = int(os.environ.get("MLX_DGEMMA_LANES", 0)) or min(os.cpu_count() or 1, 8)
+        _local.lanes = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else [None]
+    return _local.lanes
+
+
+def lane_slices(n: int, count: int) -> list[slice]:
+    """`count` contiguous slices covering range(n), sizes differing by at most one (no empty slice)."""
+    count = max(1, min(count, n))
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def on_lane(stream):
+    """Context that makes `stream` the default (nothing changes for the default lane, None)."""
+    return mx.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -25,6 +25,7 @@ import numpy as np
 from . import cpu
 from .config import SamplerConfig
 from .sampler import (
+    CanvasStatistics,
     canvas_statistics,
     confident,
     entropy_bound_accept,
@@ -131,6 +132,32 @@ def _statistics(*args):
     return (canvas_statistics if cpu.use_fast_math() else _compiled_statistics)(*args)
 
 
+def lane_statistics(logits, temp, uniforms, softcap, dtype) -> CanvasStatistics:
+    """`canvas_statistics` for each lane's canvas positions on the lane's own stream (see `cpu.lanes`).
+
+    The per-position results are joined; the vocabulary-sized weights stay a list of position chunks, cast to
+    the model's dtype (the soft embedding multiplies in it anyway), which `denoise_raw` takes as they are.
+    """
+    streams = cpu.lanes()
+    parts = []
+    for stream, rows in zip(streams, cpu.lane_slices(logits.shape[1], len(streams))):
+        with cpu.on_lane(stream):
+            part = _statistics(logits[:, rows], temp, uniforms[:, rows], softcap)
+            parts.append(part._replace(weights=part.weights.astype(dtype)))
+    if len(parts) == 1:
+        return parts[0]._replace(weights=[parts[0].weights])
+    return CanvasStatistics(
+        [p.weights for p in parts], *(mx.concatenate(field, axis=1) for field in list(zip(*parts))[1:])
+    )
+
+
+def _keep_rows(done: mx.array, old, new):
+    """Rows that already stopped keep their old values (arrays `[B, ...]`, or lists of position chunks)."""
+    if isinstance(new, list):
+        return [_keep_rows(done, o, n) for o, n in zip(old, new)]
+    return mx.where(done.reshape(-1, *([1] * (new.ndim - 1))), old, new)
+
+
 def _sync(*arrays):
     """The one evaluation per denoising step."""
     mx.eval(*arrays)
@@ -182,25 +209,22 @@ def diffuse(
             passes = passes + (~(done | finished_now)).astype(mx.int32)
             logits = model.denoise_raw(canvas, cache, weights, total)
             temp = mx.array(temperature(step, N, settings.t_min, settings.t_max), dtype=mx.float32)
-            new = _statistics(logits, temp, rng.uniforms((B, C)), args.final_logit_softcapping)
+            new = lane_statistics(logits, temp, rng.uniforms((B, C)), args.final_logit_softcapping, model.dtype)
             sample = rng.replace_sample(new.sample)
             accept = entropy_bound_accept(new.entropy, settings.entropy_bound)
             new_canvas = renoise(accept, sample, rng.noise((B, C), V))
-            # The soft embedding multiplies in the model's dtype anyway: keep the carried weights in it.
-            new_weights = new.weights.astype(model.dtype)
-            new_argmax, new_total, new_ent = new.argmax, new.total, new.entropy
+            new_weights, new_argmax, new_total, new_ent = new.weights, new.argmax, new.total, new.entropy
             if B > 1 and weights is not None:  # rows that already stopped stay frozen
-                d = done[:, None]
-                new_argmax = mx.where(d, argmax, new_argmax)
-                new_canvas = mx.where(d, canvas, new_canvas)
-                new_weights = mx.where(d[..., None], weights, new_weights)
-                new_total = mx.where(d, total, new_total)
-                new_ent = mx.where(d, ent, new_ent)
+                new_argmax, new_canvas, new_weights, new_total, new_ent = (
+                    _keep_rows(done, old, fresh)
+                    for old, fresh in zip((argmax, canvas, weights, total, ent),
+                                          (new_argmax, new_canvas, new_weights, new_total, new_ent))
+                )
             is_stable, history = stable(history, new_argmax)
             done = done | (is_stable & confident(new_ent, settings.confidence_threshold))
             canvas, argmax, weights, total, ent = new_canvas, new_argmax, new_weights, new_total, new_ent
             all_done = mx.all(done)
-            _sync(canvas, argmax, weights, total, ent, done, passes, all_done, *([history] if S else []))
+            _sync(canvas, argmax, *weights, total, ent, done, passes, all_done, *([history] if S else []))
             steps += 1
             host = _to_host(all_done, argmax) if drafts else _to_host(all_done)
             yield Draft(index, steps, host[1] if drafts else None)

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from .config import ModelArgs, SamplerConfig, read_json
 from .convert import make_plan, resolve_checkpoint, source_dtype
-from .cpu import tune_allocator
+from .cpu import keep_buffers
 from .model import VISION_PREFIXES, Model, checkpoint_name
 from .quantize import apply_to_model
 from .weights import list_tensors
@@ -34,7 +34,7 @@ def load_weights(folder: Path, config: dict, args: ModelArgs) -> dict[str, mx.ar
 
 def load_model(folder: Path, lazy: bool = False) -> Model:
     if mx.default_device() == mx.cpu:
-        tune_allocator()
+        keep_buffers()
     folder = Path(folder)
     config = read_json(folder / "config.json")
     args = ModelArgs.from_dict(config, source=str(folder / "config.json"))

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from . import cpu
 from .cache import Cache, LayerCache
 from .config import FULL, SLIDING, ModelArgs
 
@@ -288,18 +289,21 @@ class Model(nn.Module):
         return self.softcap(self.denoise_raw(canvas, cache, self_conditioning_probs))
 
     def denoise_raw(
-        self, canvas: mx.array, cache: Cache, distribution: mx.array | None = None, total: mx.array | None = None
+        self, canvas: mx.array, cache: Cache, distribution=None, total: mx.array | None = None
     ) -> mx.array:
         """The LM head's output before the soft-cap (the sampler fuses the cap into its own pass).
 
         `distribution` `[B, C, V]` is the previous step's tempered distribution: probabilities, or unnormalised
         weights whose sums are `total` `[B, C]` (dividing the `[B, C, H]` soft embedding is cheaper than
-        normalising the weights).
+        normalising the weights). It may come as a list of consecutive position chunks (the sampler's lanes),
+        each multiplied on its own, so that no vocabulary-sized array is ever concatenated.
         """
         x = self._embed(mx.array(canvas))
         soft = None
         if distribution is not None:
-            soft = self.embed_tokens_matmul(distribution, transpose=False)
+            parts = distribution if isinstance(distribution, (list, tuple)) else [distribution]
+            soft = [self.embed_tokens_matmul(p, transpose=False) for p in parts]
+            soft = soft[0] if len(soft) == 1 else mx.concatenate(soft, axis=1)
             if total is not None:
                 soft = soft / total[..., None].astype(soft.dtype)
             soft = soft * self._embed_scale(x.dtype)
@@ -314,7 +318,13 @@ class Model(nn.Module):
         """The reference's final soft-cap, in float32."""
         logits = logits.astype(mx.float32)
         cap = self.args.final_logit_softcapping
-        return cap * mx.tanh(logits / cap) if cap else logits
+        if not cap:
+            return logits
+        parts = []
+        for stream, rows in zip(cpu.lanes(), cpu.lane_slices(logits.shape[-2], len(cpu.lanes()))):
+            with cpu.on_lane(stream):
+                parts.append(cpu.soft_cap(logits[..., rows, :], cap))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
     def lm_head(self, h: mx.array) -> mx.array:
         return self.softcap(self.embed_tokens_matmul(h, transpose=True))

@@ -41,9 +41,7 @@ def canvas_statistics(
     which would cost a full pass of random generation.
     """
     z = logits.astype(mx.float32)
-    if softcap:
-        z = softcap * _tanh(z / softcap)
-    z = z / temp
+    z = cpu.soft_cap(z, softcap, temp) if softcap else z / temp
     shifted, weights, total, ent = _softmax_entropy(z)
     return CanvasStatistics(weights, total, ent, mx.argmax(z, axis=-1), sample_categorical(weights, uniforms))
 
@@ -56,20 +54,12 @@ def _softmax_entropy(z: mx.array):
     weights on their own and taking log1p keeps them.
     """
     shifted = z - mx.max(z, axis=-1, keepdims=True)
-    weights = _exp_nonpositive(shifted)
+    weights = cpu.exp_nonpositive(shifted)
     top_ties = _sum_last((shifted == 0).astype(mx.float32))
     rest = _sum_last(mx.where(shifted < 0, weights, 0.0)) + (top_ties - 1)
     # every term of the sum is <= 0: no cancellation
     ent = mx.log1p(rest) - _sum_last(weights * shifted) / (1 + rest)
     return shifted, weights, 1 + rest, ent
-
-
-def _exp_nonpositive(x: mx.array) -> mx.array:
-    return cpu.exp_nonpositive(x) if cpu.use_fast_math() else mx.exp(x)
-
-
-def _tanh(x: mx.array) -> mx.array:
-    return cpu.tanh(x) if cpu.use_fast_math() else mx.tanh(x)
 
 
 BLOCK = 256

@@ -43,6 +43,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import cpu
 from .cache import Cache
 from .config import FULL, SLIDING, ModelArgs, read_json
 
@@ -265,35 +266,19 @@ def draw_noise(rng: np.random.Generator, batch: Batch, vocab_size: int, canvas_l
 
 # MLX's CPU backend evaluates tanh one element at a time, and the tanh-approximated GELU of the dense MLP, the
 # experts and self-conditioning was over half of a training step on a CPU. Training uses the same function
-# computed with a rational approximation of tanh (Eigen's, exact to a few float32 ulps: |error| < 1e-6 against
+# computed with `cpu.tanh_rational` (Eigen's rational approximation, exact to a few float32 ulps: |error| < 1e-6 against
 # `nn.gelu_approx`), compiled into one fused pass each way. Inference is untouched.
-_TANH_CLAMP = 7.90531110763549805
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _tanh_rational(u):
-    u = mx.clip(u, -_TANH_CLAMP, _TANH_CLAMP)
-    u2 = u * u
-    p = u2 * -2.76076847742355e-16 + 2.00018790482477e-13
-    p = u2 * p + -8.60467152213735e-11
-    p = u2 * p + 5.12229709037114e-08
-    p = u2 * p + 1.48572235717979e-05
-    p = u2 * p + 6.37261928875436e-04
-    p = u2 * p + 4.89352455891786e-03
-    q = u2 * 1.19825839466702e-06 + 1.18534705686654e-04
-    q = u2 * q + 2.26843463243900e-03
-    q = u2 * q + 4.89352518554385e-03
-    return u * p / q
 
 
 @mx.compile
 def _gelu_forward(x):
-    return 0.5 * x * (1 + _tanh_rational(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1 + cpu.tanh_rational(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
 @mx.compile
 def _gelu_backward(x, cotangent):
-    t = _tanh_rational(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    t = cpu.tanh_rational(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
     slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
     return cotangent * slope
 

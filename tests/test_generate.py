@@ -141,6 +141,34 @@ def test_warm_start_from_text_or_ids(chat_model):
         generate_tokens(model, [[2, 10]], initial_canvas=list(range(20)))
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_lanes_change_nothing_but_speed(chat_model, monkeypatch, count):
+    """The sampler's positions split over CPU streams (cpu.lanes) give the tokens and logits of one stream."""
+    from mlx_dgemma import cpu
+
+    _, model, _ = chat_model
+    prompts = [[2, 10, 11, 12], [2, 30]]
+    cache = model.make_cache()
+    model.encode(mx.array([[2, 10, 11, 12]]), cache)
+    canvas = mx.array([list(range(5, 5 + model.args.canvas_length))])
+    single = generate_tokens(model, prompts, max_tokens=40, seed=3), model.denoise(canvas, cache)
+    lanes = [mx.new_stream(mx.cpu) for _ in range(count)] if mx.default_device() == mx.cpu else [None] * count
+    monkeypatch.setattr(cpu, "lanes", lambda: lanes)
+    split = generate_tokens(model, prompts, max_tokens=40, seed=3), model.denoise(canvas, cache)
+    assert split[0] == single[0]
+    assert mx.abs(split[1] - single[1]).max().item() == 0.0
+
+
+def test_lane_slices_cover_the_positions_once():
+    from mlx_dgemma.cpu import lane_slices
+
+    for n, count in [(256, 2), (7, 3), (2, 5), (16, 1)]:
+        slices = lane_slices(n, count)
+        assert [i for s in slices for i in range(n)[s]] == list(range(n))
+        assert len(slices) == min(n, count) and max(s.stop - s.start for s in slices) - min(
+            s.stop - s.start for s in slices) <= 1
+
+
 def test_one_evaluation_and_one_host_read_per_step(chat_model, monkeypatch):
     _, model, _ = chat_model
     model.sampler_defaults = model.sampler_defaults.updated(eos_token_ids=[])
