@@ -135,6 +135,23 @@ def lane_slices(n: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def lane_plan(n: int) -> list[tuple]:
+    """(stream, positions) pairs covering range(n) for the per-position work.
+
+    On the CPU the positions also go in chunks of about CHUNK, dealt to the lanes in turn: MLX evaluates one
+    chunk's chain of vocabulary-sized intermediates before the next, so the step's peak memory follows the chunk,
+    not the canvas.
+    """
+    if mx.default_device() != mx.cpu:
+        return [(None, slice(0, n))]
+    streams = lanes()
+    count = max(len(streams), -(-n // CHUNK))
+    return [(streams[i % len(streams)], rows) for i, rows in enumerate(lane_slices(n, count))]
+
+
+CHUNK = int(os.environ.get("MLX_DGEMMA_CHUNK", 32))
+
+
 def on_lane(stream):
     """Context that makes `stream` the default (nothing changes for the default lane, None)."""
     return mx.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -138,9 +138,8 @@ def lane_statistics(logits, temp, uniforms, softcap, dtype) -> CanvasStatistics:
     The per-position results are joined; the vocabulary-sized weights stay a list of position chunks, cast to
     the model's dtype (the soft embedding multiplies in it anyway), which `denoise_raw` takes as they are.
     """
-    streams = cpu.lanes()
     parts = []
-    for stream, rows in zip(streams, cpu.lane_slices(logits.shape[1], len(streams))):
+    for stream, rows in cpu.lane_plan(logits.shape[1]):
         with cpu.on_lane(stream):
             part = _statistics(logits[:, rows], temp, uniforms[:, rows], softcap)
             parts.append(part._replace(weights=part.weights.astype(dtype)))

@@ -295,15 +295,15 @@ class Model(nn.Module):
 
         `distribution` `[B, C, V]` is the previous step's tempered distribution: probabilities, or unnormalised
         weights whose sums are `total` `[B, C]` (dividing the `[B, C, H]` soft embedding is cheaper than
-        normalising the weights). It may come as a list of consecutive position chunks (the sampler's lanes),
-        each multiplied on its own, so that no vocabulary-sized array is ever concatenated.
+        normalising the weights). It may come as a list of consecutive position chunks (the sampler's lanes).
         """
         x = self._embed(mx.array(canvas))
         soft = None
         if distribution is not None:
-            parts = distribution if isinstance(distribution, (list, tuple)) else [distribution]
-            soft = [self.embed_tokens_matmul(p, transpose=False) for p in parts]
-            soft = soft[0] if len(soft) == 1 else mx.concatenate(soft, axis=1)
+            if isinstance(distribution, (list, tuple)):
+                # one product over all positions: each chunk's own would read the whole embedding again
+                distribution = distribution[0] if len(distribution) == 1 else mx.concatenate(distribution, axis=1)
+            soft = self.embed_tokens_matmul(distribution, transpose=False)
             if total is not None:
                 soft = soft / total[..., None].astype(soft.dtype)
             soft = soft * self._embed_scale(x.dtype)
@@ -321,7 +321,7 @@ class Model(nn.Module):
         if not cap:
             return logits
         parts = []
-        for stream, rows in zip(cpu.lanes(), cpu.lane_slices(logits.shape[-2], len(cpu.lanes()))):
+        for stream, rows in cpu.lane_plan(logits.shape[-2]):
             with cpu.on_lane(stream):
                 parts.append(cpu.soft_cap(logits[..., rows, :], cap))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
