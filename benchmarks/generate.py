@@ -1,0 +1,133 @@
+"""mlx_dgemma beside its peers on the bench checkpoint, in one run: ms per denoising step, generation, memory.
+
+    python benchmarks/generate.py [--checkpoint DIR] [--repeats N] [--peers reference,mlxvlm,mlxlm_ar]
+
+The bench checkpoint has the released model's proportions at a size this machine can time (vocabulary 262,144,
+canvas 256, 5 sliding : 1 full layers, 32 experts top-8, hidden 1024; built with the reference on first use).
+Every contender runs in its own fresh process, one after another, with the same prompt (64 tokens, batch 1),
+float32 weights and settings:
+
+* step: one decoder pass (self-conditioning, the layers over the canvas against the cached prompt, head, soft-cap);
+* generation: prompt encoding plus one canvas of 256 tokens at a fixed 16 denoising steps (adaptive stopping
+  off), sampler included; reported per step and as tokens per second;
+* the autoregressive baseline (mlx-lm's gemma4_text with the same backbone) in tokens per second.
+
+It prints a table and the ratios (how many times faster mlx_dgemma is) and writes the raw JSON next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, peers  # noqa: E402
+
+STEPS = 16
+
+
+def ours_worker(checkpoint: str, prompt_len: int = 64, steps: int = STEPS, repeats: int = 2, step_repeats: int = 3,
+                warmup: int = 1, warmup_generate: int = 0, seed: int = 0, **_) -> dict:
+    """Runs in the child: time mlx_dgemma's decoder step and a 16-step generation."""
+    import mlx.core as mx
+
+    import mlx_dgemma
+    from mlx_dgemma.generate import DiffusionStats, generate_tokens
+
+    t0 = time.perf_counter()
+    model, _ = mlx_dgemma.load(checkpoint)
+    load_s = time.perf_counter() - t0
+    args = model.args
+    prompt = common.bench_prompt(prompt_len, args.vocab_size, seed)
+    canvas = mx.array([common.bench_canvas(args.canvas_length, args.vocab_size, seed)])
+    cache = model.make_cache()
+    model.encode(mx.array([prompt]), cache)
+    first = model.denoise(canvas, cache)
+    mx.eval(first, cache.state())
+    sc = mx.softmax(first, axis=-1)
+    mx.eval(sc)
+
+    def step():
+        mx.eval(model.denoise(canvas, cache, self_conditioning_probs=sc))
+
+    info = {}
+
+    def generate():
+        stats = DiffusionStats()
+        out = generate_tokens(model, [prompt], max_tokens=args.canvas_length, seed=seed, max_denoising_steps=steps,
+                              confidence_threshold=1e-30, stats=stats)
+        info.update(tokens=len(out[0]), steps=stats.steps, tokens_per_forward=float(stats.tokens_per_forward[0]))
+
+    mx.reset_peak_memory()
+    times, cpu, load = peers._timed_rounds(step, generate, repeats, step_repeats, warmup, warmup_generate)
+    return dict(
+        peer="mlx_dgemma", library=f"mlx_dgemma {mlx_dgemma.__version__}, mlx {mx.__version__}",
+        device=str(mx.default_device()), checkpoint=checkpoint, prompt_len=prompt_len, denoising_steps=steps,
+        denoising_steps_run=info["steps"], generated_tokens=info["tokens"], load_s=round(load_s, 2),
+        step_ms=common.summarize(times["step"]), generate_ms=common.summarize(times["generate"]),
+        step_cpu_ms=common.summarize(cpu["step"]), generate_cpu_ms=common.summarize(cpu["generate"]),
+        mlx_peak_mb=round(mx.get_peak_memory() / 2**20, 1), loadavg=load, self_peak_rss_mb=common.self_peak_rss_mb(),
+        machine=common.machine_info(),
+    )
+
+
+def run_ours(checkpoint, **kwargs) -> dict:
+    return common.run_in_subprocess("benchmarks.generate:ours_worker", dict(checkpoint=str(checkpoint), **kwargs),
+                                    python=common.MAIN_PYTHON, preload_openblas=True, timeout=3600, echo=True)
+
+
+def per_step(result: dict) -> float | None:
+    """Milliseconds per denoising step of a whole generation (prompt encoding and sampler included)."""
+    ms = (result.get("generate_ms") or {}).get("median")
+    return ms / STEPS if ms else None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="bench checkpoint folder (built on first use)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--peers", default="reference,mlxvlm,mlxlm_ar")
+    p.add_argument("--out", default=str(common.REPO_ROOT / ".cache" / "bench-generate.json"))
+    a = p.parse_args(argv)
+    checkpoint = common.ensure_bench_checkpoint(a.checkpoint)
+    results = {"mlx_dgemma": run_ours(checkpoint, repeats=a.repeats)}
+    for name in [n for n in a.peers.split(",") if n]:
+        try:
+            results[name] = peers.run_peer(name, checkpoint, repeats=a.repeats)
+        except Exception as e:  # a missing peer is reported, not fatal
+            print(f"[{name}] failed: {type(e).__name__}: {e}", file=sys.stderr)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+
+    ours = results["mlx_dgemma"]
+    print(f"\nbench checkpoint {checkpoint}; 64-token prompt, batch 1, float32, {STEPS} steps, one 256-token canvas")
+    print(f"{'':14s}{'decoder step':>14s}{'gen. per step':>15s}{'gen. tok/s':>12s}{'peak RSS':>10s}")
+    for name, r in results.items():
+        if name == "mlxlm_ar":
+            continue
+        step = (r.get("step_ms") or {}).get("median")
+        gen = (r.get("generate_ms") or {}).get("median")
+        tps = 256 / (gen / 1000) if gen else None
+        print(f"{name:14s}{step or 0:12.0f}ms{per_step(r) or 0:13.0f}ms{tps or 0:12.1f}{r.get('peak_rss_mb', 0):8.0f}MB")
+    if "mlxlm_ar" in results:
+        print(f"{'mlxlm_ar':14s}{'':14s}{'':15s}{results['mlxlm_ar'].get('decode_tok_s', 0):12.1f}  (autoregressive)")
+    print("\nratios (mlx_dgemma is N x faster):")
+    for name in ("reference", "mlxvlm"):
+        if name in results:
+            r = results[name]
+            print(f"  vs {name:10s} decoder step {r['step_ms']['median'] / ours['step_ms']['median']:.2f}x, "
+                  f"generation {r['generate_ms']['median'] / ours['generate_ms']['median']:.2f}x")
+    if "mlxlm_ar" in results:
+        ar = results["mlxlm_ar"]["decode_tok_s"]
+        step_s = per_step(ours) / 1000
+        print(f"  vs mlxlm_ar  a step costs {step_s * ar:.0f} autoregressive tokens; diffusion wins above that many "
+              f"tokens per step (here 16 steps commit 256 tokens: {256 / (ours['generate_ms']['median'] / 1000):.1f} "
+              f"tok/s vs {ar:.1f})")
+
+
+if __name__ == "__main__":
+    main()
