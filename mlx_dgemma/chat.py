@@ -39,6 +39,7 @@ from .generate import (
     _Parser,
     _resolve_settings,
     add_sampler_flags,
+    check_positive_flags,
     flag_message,
     load_for_cli,
     prefill,
@@ -585,10 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.max_tokens is not None and args.max_tokens <= 0:
-            raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-        if args.prefill_step_size <= 0:
-            raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+        check_positive_flags(args)
         model, tokenizer = load_for_cli(args.model, args.adapter_path)
         session = ChatSession(
             model, tokenizer, args.system_prompt, args.think, max_tokens=args.max_tokens, seed=args.seed,

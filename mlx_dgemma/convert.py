@@ -312,7 +312,8 @@ def _entries_from_sources(tensors, source_q, expected, folder) -> list[Entry]:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-def shard(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
+def shard(entries: list, max_bytes: int) -> list[list]:
+    """Consecutive groups of at most `max_bytes` (by each item's `nbytes`; a larger item gets a shard alone)."""
     shards, current, size = [], [], 0
     for e in entries:
         if current and size + e.nbytes > max_bytes:
@@ -325,13 +326,16 @@ def shard(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
     return shards
 
 
+def shard_filenames(count: int) -> list[str]:
+    """mlx-lm's and transformers' weight file names."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
 def write_folder(out: Path, plan: Plan, config: dict, source: Path, max_shard_bytes: int, dtype: mx.Dtype):
     shards = shard(plan.entries, max_shard_bytes)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    names = shard_filenames(len(shards))
     weight_map = {}
     for filename, entries in zip(names, shards):
         planned = [t for e in entries for t in e.outputs()]

@@ -26,7 +26,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
-from .convert import COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, source_dtype, vision_shapes
+from .convert import (
+    COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, shard, shard_filenames, source_dtype, vision_shapes,
+)
 from .model import VISION_PREFIXES, checkpoint_name
 from .weights import DTYPE_NAMES, PlannedTensor, SafetensorsWriter, list_tensors
 
@@ -117,24 +119,14 @@ def _placeholder_vision(vision: dict, hidden_size: int, dtype) -> list[_Item]:
 
 
 def _write(out: Path, items: list[_Item], max_shard_bytes: int):
-    shards, current, size = [], [], 0
-    for item in items:
-        if current and size + item.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += item.nbytes
-    if current:
-        shards.append(current)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    shards = shard(items, max_shard_bytes)
+    names = shard_filenames(len(shards))
     weight_map = {}
-    for filename, shard in zip(names, shards):
-        writer = SafetensorsWriter(out / filename, [PlannedTensor(i.name, i.dtype, i.shape) for i in shard],
+    for filename, group in zip(names, shards):
+        writer = SafetensorsWriter(out / filename, [PlannedTensor(i.name, i.dtype, i.shape) for i in group],
                                    metadata={"format": "pt"})
         try:
-            for item in shard:
+            for item in group:
                 rows = item.shape[0] if item.shape else 1
                 per_row = max(1, math.prod(item.shape[1:]))
                 step = max(1, CHUNK_ELEMENTS // per_row)
@@ -147,7 +139,7 @@ def _write(out: Path, items: list[_Item], max_shard_bytes: int):
             writer.abort()
             raise
         writer.close()
-        weight_map.update({i.name: filename for i in shard})
+        weight_map.update({i.name: filename for i in group})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(i.nbytes for i in items)}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

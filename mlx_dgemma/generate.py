@@ -538,15 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_positive_flags(args):
+    """The budget flags both command lines share, which argparse checks only for type."""
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.prefill_step_size <= 0:
+        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+
+
 def main(argv=None) -> int:
     from .display import CanvasView
 
     args = build_parser().parse_args(argv)
     try:
-        if args.max_tokens is not None and args.max_tokens <= 0:
-            raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-        if args.prefill_step_size <= 0:
-            raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+        check_positive_flags(args)
         model, tokenizer = load_for_cli(args.model, args.adapter_path)
         prompt = args.prompt
         if prompt == "-":
