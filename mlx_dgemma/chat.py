@@ -81,8 +81,10 @@ class Reply:
 
     def stats_line(self) -> str:
         """mlx-lm's chat statistics line, plus diffusion's tokens per forward."""
-        return (f"{self.generation_tokens} tokens · {self.generation_tps:.1f} tok/s · prompt {self.prompt_tps:.1f} "
-                f"tok/s · peak {self.peak_memory:.2f} GB · {self.tokens_per_forward:.2f} tokens/forward")
+        # a turn whose whole prompt was already in the cache encoded nothing: no rate to show
+        prompt = f"prompt {self.prompt_tps:.1f} tok/s" if self.prompt_tokens else "prompt cached"
+        return (f"{self.generation_tokens} tokens · {self.generation_tps:.1f} tok/s · {prompt} · "
+                f"peak {self.peak_memory:.2f} GB · {self.tokens_per_forward:.2f} tokens/forward")
 
 
 @dataclass

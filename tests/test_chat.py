@@ -21,7 +21,7 @@ from mlx_dgemma.generate import prefill
 from reference import add_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-STATS = re.compile(r"\d+ tokens · [\d.]+ tok/s · prompt [\d.]+ tok/s · peak [\d.]+ GB · [\d.]+ tokens/forward")
+STATS = re.compile(r"\d+ tokens · [\d.]+ tok/s · prompt (?:[\d.]+ tok/s|cached) · peak [\d.]+ GB · [\d.]+ tokens/forward")
 
 PORTUGAL = "Write a long essay about Portugal."
 PORTUGAL_IDS = [2, 105, 2364, 107, 6974, 496, 1440, 20494, 1003, 23613, 236761, 106, 107, 105, 4368, 107, 100, 45518,
@@ -439,3 +439,12 @@ def test_cli_errors_get_one_line(chat_folder, tmp_path):
                           (["--model", tmp_path / "nope"], str(tmp_path / "nope"))):
         r = run(*args)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_stats_line_of_a_turn_with_nothing_new_to_encode():
+    from mlx_dgemma.chat import Reply
+
+    fresh = Reply(text="x", prompt_tokens=12, prompt_tps=300.0, generation_tokens=4, generation_tps=20.0)
+    cached = Reply(text="x", prompt_tokens=0, generation_tokens=4, generation_tps=20.0)
+    assert "prompt 300.0 tok/s" in fresh.stats_line() and STATS.fullmatch(fresh.stats_line())
+    assert "prompt cached" in cached.stats_line() and STATS.fullmatch(cached.stats_line())
