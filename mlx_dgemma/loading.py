@@ -9,7 +9,7 @@ import mlx.core as mx
 from .config import ModelArgs, SamplerConfig, read_json
 from .convert import make_plan, resolve_checkpoint, source_dtype
 from .cpu import keep_buffers
-from .model import VISION_PREFIXES, Model, checkpoint_name
+from .model import VISION_PREFIXES, Model, checkpoint_name, widen_cpu_experts
 from .quantize import apply_to_model
 from .weights import list_tensors
 
@@ -43,6 +43,8 @@ def load_model(folder: Path, lazy: bool = False) -> Model:
     if config.get("quantization"):
         apply_to_model(model, config["quantization"], weights)
     model.load_weights(list(weights.items()), strict=True)
+    if mx.default_device() == mx.cpu:
+        widen_cpu_experts(model)
     model.sampler_defaults = SamplerConfig.from_folder(folder, args)
     model.eval()
     if not lazy:

@@ -183,10 +183,26 @@ class Experts(nn.Module):
         xs = mx.concatenate([x, mx.zeros((1, x.shape[-1]), dtype=x.dtype)])[token_of_slot]
         block_expert = (padded_end[None, :] <= (mx.arange(n_blocks) * block)[:, None]).sum(axis=1)
         block_expert = mx.minimum(block_expert, e - 1).astype(mx.uint32)
+        if isinstance(self.gate_up_proj, SwitchLinear) and self.gate_up_proj.weight.dtype != xs.dtype:
+            xs = xs.astype(self.gate_up_proj.weight.dtype)  # half-precision experts were widened at load (see `widen_cpu_experts`)
         y = self._glu(xs.reshape(n_blocks, block, -1), block_expert, True).reshape(n_blocks * block, -1)
+        y = y.astype(x.dtype)
         slot_of_row = mx.zeros((rows,), dtype=mx.int32)
         slot_of_row[order] = slot
         return y[slot_of_row].reshape(n, k, -1)
+
+
+def widen_cpu_experts(model) -> bool:
+    """Float32 expert weights for MLX's CPU backend, whose gathered matmul takes float32 only (a bfloat16 folder
+    would fail there). Costs twice the experts' memory; quantized experts are left alone. Returns whether any
+    weights changed."""
+    changed = False
+    for layer in model.layers:
+        for proj in (layer.experts.gate_up_proj, layer.experts.down_proj):
+            if isinstance(proj, SwitchLinear) and proj.weight.dtype != mx.float32:
+                proj.weight = proj.weight.astype(mx.float32)
+                changed = True
+    return changed
 
 
 class DecoderLayer(nn.Module):
