@@ -119,12 +119,12 @@ def use_fast_math() -> bool:
 # 2-core machine then run side by side. The GPU has no use for this: there, one lane on the default stream.
 
 _local = threading.local()  # MLX streams belong to the thread that made them
+CHUNK = int(os.environ.get("MLX_DGEMMA_CHUNK", 32))
 
 
 def lanes() -> list:
-    """Streams for the per-position work: one per core on the CPU (MLX_DGEMMA_LANES overrides), else [None]."""
-    if mx.default_device() != mx.cpu:
-        return [None]
+    """This thread's CPU streams for the per-position work: one per core (MLX_DGEMMA_LANES overrides), or [None]
+    (the default stream) on one core."""
     if getattr(_local, "lanes", None) is None:
         n = int(os.environ.get("MLX_DGEMMA_LANES", 0)) or min(os.cpu_count() or 1, 8)
         _local.lanes = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else [None]
@@ -138,23 +138,19 @@ def lane_slices(n: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def lane_plan(n: int) -> list[tuple]:
-    """(stream, positions) pairs covering range(n) for the per-position work.
+def map_positions(n: int, build) -> list:
+    """`build(positions)` for consecutive slices covering range(n), each built on its lane's stream.
 
-    On the CPU the positions also go in chunks of about CHUNK, dealt to the lanes in turn: MLX evaluates one
-    chunk's chain of vocabulary-sized intermediates before the next, so the step's peak memory follows the chunk,
-    not the canvas.
+    On the CPU the positions go in chunks of about CHUNK, dealt to the lanes in turn: MLX evaluates one chunk's
+    chain of vocabulary-sized intermediates before the next, so the step's peak memory follows the chunk, not the
+    canvas. Elsewhere: one slice, the default stream.
     """
     if mx.default_device() != mx.cpu:
-        return [(None, slice(0, n))]
+        return [build(slice(0, n))]
     streams = lanes()
-    count = max(len(streams), -(-n // CHUNK))
-    return [(streams[i % len(streams)], rows) for i, rows in enumerate(lane_slices(n, count))]
-
-
-CHUNK = int(os.environ.get("MLX_DGEMMA_CHUNK", 32))
-
-
-def on_lane(stream):
-    """Context that makes `stream` the default (nothing changes for the default lane, None)."""
-    return mx.stream(stream) if stream is not None else contextlib.nullcontext()
+    out = []
+    for i, rows in enumerate(lane_slices(n, max(len(streams), -(-n // CHUNK)))):
+        stream = streams[i % len(streams)]
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            out.append(build(rows))
+    return out

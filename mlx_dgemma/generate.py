@@ -133,16 +133,17 @@ def _statistics(*args):
 
 
 def lane_statistics(logits, temp, uniforms, softcap, dtype) -> CanvasStatistics:
-    """`canvas_statistics` for each lane's canvas positions on the lane's own stream (see `cpu.lanes`).
+    """`canvas_statistics` for each chunk of canvas positions on its lane's stream (see `cpu.map_positions`).
 
     The per-position results are joined; the vocabulary-sized weights stay a list of position chunks, cast to
     the model's dtype (the soft embedding multiplies in it anyway), which `denoise_raw` takes as they are.
     """
-    parts = []
-    for stream, rows in cpu.lane_plan(logits.shape[1]):
-        with cpu.on_lane(stream):
-            part = _statistics(logits[:, rows], temp, uniforms[:, rows], softcap)
-            parts.append(part._replace(weights=part.weights.astype(dtype)))
+
+    def chunk(rows):
+        part = _statistics(logits[:, rows], temp, uniforms[:, rows], softcap)
+        return part._replace(weights=part.weights.astype(dtype))
+
+    parts = cpu.map_positions(logits.shape[1], chunk)
     if len(parts) == 1:
         return parts[0]._replace(weights=[parts[0].weights])
     return CanvasStatistics(

@@ -33,8 +33,7 @@ def load_weights(folder: Path, config: dict, args: ModelArgs) -> dict[str, mx.ar
 
 
 def load_model(folder: Path, lazy: bool = False) -> Model:
-    if mx.default_device() == mx.cpu:
-        keep_buffers()
+    keep_buffers()
     folder = Path(folder)
     config = read_json(folder / "config.json")
     args = ModelArgs.from_dict(config, source=str(folder / "config.json"))

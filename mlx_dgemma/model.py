@@ -336,10 +336,7 @@ class Model(nn.Module):
         cap = self.args.final_logit_softcapping
         if not cap:
             return logits
-        parts = []
-        for stream, rows in cpu.lane_plan(logits.shape[-2]):
-            with cpu.on_lane(stream):
-                parts.append(cpu.soft_cap(logits[..., rows, :], cap))
+        parts = cpu.map_positions(logits.shape[-2], lambda rows: cpu.soft_cap(logits[..., rows, :], cap))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
     def lm_head(self, h: mx.array) -> mx.array:
