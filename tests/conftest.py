@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx.core as mx  # noqa: E402
 
-from reference import build_reference, load_reference  # noqa: E402
+from reference import add_word_tokenizer, build_reference, load_reference  # noqa: E402
 
 mx.set_default_device(mx.cpu)
 
@@ -32,6 +32,16 @@ def reference_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(reference_factory):
     return reference_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_folder(tiny, tmp_path_factory):
+    """The tiny reference checkpoint plus a word-level tokenizer (the built-in Gemma 4 template applies).
+    Shared by the session: tests read it, never write into it."""
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny[0], folder, dirs_exist_ok=True)
+    add_word_tokenizer(folder)
+    return folder
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import mlx_dgemma
 from mlx_dgemma.chat import ChatSession, _common_prefix
 from mlx_dgemma.config import SamplerConfig
 from mlx_dgemma.generate import prefill
-from reference import add_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = re.compile(r"\d+ tokens · [\d.]+ tok/s · prompt (?:[\d.]+ tok/s|cached) · peak [\d.]+ GB · [\d.]+ tokens/forward")
@@ -29,13 +28,8 @@ PORTUGAL_IDS = [2, 105, 2364, 107, 6974, 496, 1440, 20494, 1003, 23613, 236761, 
 
 
 @pytest.fixture(scope="module")
-def chat_folder(tiny, tmp_path_factory):
-    """The tiny reference checkpoint plus a word-level tokenizer (the built-in Gemma 4 template applies)."""
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    for f in Path(tiny[0]).iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    add_word_tokenizer(folder)
-    return folder
+def chat_folder(tiny_chat_folder):
+    return tiny_chat_folder
 
 
 @pytest.fixture(scope="module")

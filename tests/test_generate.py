@@ -12,20 +12,15 @@ import pytest
 import mlx_dgemma
 from mlx_dgemma import generate as generate_module
 from mlx_dgemma.generate import DiffusionStats, generate_tokens, stream_generate
-from reference import add_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def chat_model(tiny, tmp_path_factory):
-    """The tiny reference checkpoint plus a word-level tokenizer (the built-in chat template applies)."""
-    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
-    for f in Path(tiny[0]).iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    add_word_tokenizer(folder)
-    model, tokenizer = mlx_dgemma.load(folder)
-    return folder, model, tokenizer
+def chat_model(tiny_chat_folder):
+    """The tiny reference checkpoint with a word-level tokenizer, loaded."""
+    model, tokenizer = mlx_dgemma.load(tiny_chat_folder)
+    return tiny_chat_folder, model, tokenizer
 
 
 @pytest.fixture(autouse=True)
