@@ -10,6 +10,7 @@ temporary folder beside the target and renamed into place only when complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -312,6 +313,22 @@ def _entries_from_sources(tensors, source_q, expected, folder) -> list[Entry]:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, doing: str):
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds and removed when it fails or is
+    interrupted, so that no half-written output folder is ever left behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        if out.exists():
+            raise ConversionError(f"{out}: appeared while {doing}; not overwritten")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def shard(entries: list, max_bytes: int) -> list[list]:
     """Consecutive groups of at most `max_bytes` (by each item's `nbytes`; a larger item gets a shard alone)."""
     shards, current, size = [], [], 0
@@ -436,17 +453,10 @@ def convert(
     if quantize:
         say(f"[INFO] Quantizing ({quant_recipe} recipe, {bits} bits, group size {group_size}, {q_mode})")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     start = time.perf_counter()
     try:
-        write_folder(tmp, plan, config, source, max_shard_size, target)
-        if out.exists():
-            raise ConversionError(f"{out}: appeared while converting; not overwritten")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_folder(out, "converting") as tmp:
+            write_folder(tmp, plan, config, source, max_shard_size, target)
     finally:
         release_read_buffer()
     seconds = time.perf_counter() - start

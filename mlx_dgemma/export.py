@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,7 +25,8 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
 from .convert import (
-    COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, shard, shard_filenames, source_dtype, vision_shapes,
+    COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, shard, shard_filenames, source_dtype, staged_folder,
+    vision_shapes,
 )
 from .model import VISION_PREFIXES, checkpoint_name
 from .weights import DTYPE_NAMES, PlannedTensor, SafetensorsWriter, list_tensors
@@ -199,20 +198,12 @@ def export_hf(
         items += _placeholder_vision(vision, args.hidden_size, target)
         say("[INFO] No vision weights in the source: wrote a placeholder vision tower (zeros; text-only model)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with staged_folder(out, "exporting") as tmp:
         _write(tmp, items, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-        if out.exists():
-            raise ConversionError(f"{out}: appeared while exporting; not overwritten")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     total = sum(i.nbytes for i in items)
     say(f"[INFO] Wrote a Hugging Face folder ({target_name}, {total / 1e6:.1f} MB) to {out}")
     return out
