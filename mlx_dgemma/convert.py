@@ -50,6 +50,13 @@ from .weights import (
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's 5 GB shards
 CHUNK_ELEMENTS = 1 << 24  # rows are converted in slices of about this many elements
+
+
+def row_ranges(shape) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about CHUNK_ELEMENTS elements each; a scalar is one row."""
+    rows = shape[0] if shape else 1
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
@@ -130,22 +137,18 @@ class Entry:
         return mx.dequantize(*parts[:2], parts[2] if len(parts) > 2 else None, group_size=q.group_size, bits=q.bits, mode=q.mode)
 
     def write(self, writer: SafetensorsWriter):
-        rows = self.shape[0] if self.shape else 1
-        per_row = max(1, math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
-        step = max(1, CHUNK_ELEMENTS // per_row)
         outputs = self.outputs()
         names = [t.name for t in outputs]
         if self.source_quant is not None and self.quant == self.source_quant:
             # Kept at the source's settings: the packed parts are copied, never re-quantized (which would not be
             # lossless); only float scales and biases follow the output dtype.
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
+            for start, stop in row_ranges(self.shape):
                 for t, key in zip(outputs, ("weight", "scales", "biases")):
                     part = self.packed[key].read(start, stop)
                     writer.write(t.name, part if part.dtype == t.dtype else part.astype(t.dtype))
             return
-        for start in range(0, rows, step):
-            x = self.read(start, min(rows, start + step))
+        for start, stop in row_ranges(self.shape):
+            x = self.read(start, stop)
             if self.is_float:
                 x = x.astype(self.dtype)
             parts = mx.quantize(x, self.quant.group_size, self.quant.bits, mode=self.quant.mode) if self.quant else (x,)

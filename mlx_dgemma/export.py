@@ -15,7 +15,6 @@ loads without initialising anything at random; it is never used for text.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -25,13 +24,11 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
 from .convert import (
-    COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, shard, shard_filenames, source_dtype, staged_folder,
-    vision_shapes,
+    COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, row_ranges, shard, shard_filenames, source_dtype,
+    staged_folder, vision_shapes,
 )
 from .model import VISION_PREFIXES, checkpoint_name
 from .weights import DTYPE_NAMES, PlannedTensor, SafetensorsWriter, list_tensors
-
-CHUNK_ELEMENTS = 1 << 24
 
 # A minimal vision tower for text-only folders whose config.json has no vision_config (the reference would
 # otherwise build its 27-layer default).
@@ -126,12 +123,8 @@ def _write(out: Path, items: list[_Item], max_shard_bytes: int):
                                    metadata={"format": "pt"})
         try:
             for item in group:
-                rows = item.shape[0] if item.shape else 1
-                per_row = max(1, math.prod(item.shape[1:]))
-                step = max(1, CHUNK_ELEMENTS // per_row)
-                for start in range(0, rows, step):
-                    part = item.read(start, min(rows, start + step)) if item.shape else item.read(0, 1)
-                    part = part.astype(item.dtype)
+                for start, stop in row_ranges(item.shape):
+                    part = item.read(start, stop).astype(item.dtype)
                     mx.eval(part)
                     writer.write(item.name, part)
         except BaseException:
