@@ -6,7 +6,7 @@ torch/transformers lazily and therefore needs the project venv (``.venv``: torch
 
     from benchmarks.common import build_bench_checkpoint, run_in_subprocess, time_interleaved, ratio_table
 
-Nothing here reads /work/shared; the bench checkpoint recipe is written out below.
+Nothing here reads /work/shared; the bench checkpoint is the tests' `bench` preset (`tests/reference.py`).
 """
 
 from __future__ import annotations
@@ -43,39 +43,15 @@ OPENBLAS = os.environ.get("MLX_DGEMMA_OPENBLAS", "/usr/lib/x86_64-linux-gnu/open
 # The bench checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 
-#: The released model's proportions at a size this CPU can time (vocab, 5:1 sliding/full, 32 experts top-8 ...).
-BENCH_PRESET: Dict[str, Any] = dict(
-    vocab_size=262_144,
-    hidden_size=1024,
-    intermediate_size=768,
-    moe_intermediate_size=256,
-    num_experts=32,
-    top_k_experts=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=128,
-    global_head_dim=256,
-    num_global_key_value_heads=1,
-    sliding_window=1024,
-    canvas_length=256,
-    max_new_tokens=256,
-    max_denoising_steps=48,
-    dtype="float32",
-)
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from reference import PRESETS, build_reference, layer_pattern  # noqa: E402  (standard library only at import)
 
-_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-}
+#: The released model's proportions at a size this CPU can time: the tests' `bench` preset (`tests/reference.py`),
+#: whose layer pattern follows the layer count, plus the weights' dtype.
+BENCH_PRESET: Dict[str, Any] = {**{k: v for k, v in PRESETS["bench"].items() if k != "layer_types"}, "dtype": "float32"}
+bench_layer_types = layer_pattern  # 5 sliding : 1 full, the last layer full
 
 _MARKER = "bench_checkpoint.json"
-
-
-def bench_layer_types(layers: int) -> List[str]:
-    """5 sliding : 1 full, and the last layer always full (as the reference requires)."""
-    return [
-        "full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention" for i in range(layers)
-    ]
 
 
 def bench_params(layers: int = 6, seed: int = 0, **overrides) -> Dict[str, Any]:
@@ -117,102 +93,15 @@ def build_bench_checkpoint(out_dir, layers: int = 6, seed: int = 0, force: bool 
     if not force and _checkpoint_complete(out, params):
         return out
 
-    import torch
-    from transformers import (
-        DiffusionGemmaConfig,
-        DiffusionGemmaForBlockDiffusion,
-        DiffusionGemmaTextConfig,
-        Gemma4VisionConfig,
-    )
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        DiffusionGemmaGenerationConfig,
-        EntropyBoundSamplerConfig,
-    )
-
-    p = params
-    vocab = p["vocab_size"]
-    text = DiffusionGemmaTextConfig(
-        vocab_size=vocab,
-        hidden_size=p["hidden_size"],
-        intermediate_size=p["intermediate_size"],
-        moe_intermediate_size=p["moe_intermediate_size"],
-        num_experts=p["num_experts"],
-        top_k_experts=p["top_k_experts"],
-        num_hidden_layers=len(p["layer_types"]),
-        layer_types=list(p["layer_types"]),
-        num_attention_heads=p["num_attention_heads"],
-        num_key_value_heads=p["num_key_value_heads"],
-        head_dim=p["head_dim"],
-        global_head_dim=p["global_head_dim"],
-        num_global_key_value_heads=p["num_global_key_value_heads"],
-        sliding_window=p["sliding_window"],
-        max_position_embeddings=4096,
-        final_logit_softcapping=30.0,
-        hidden_activation="gelu_pytorch_tanh",
-        use_bidirectional_attention="vision",
-        rope_parameters={k: dict(v) for k, v in _ROPE.items()},
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    # A token vision tower: the checkpoint layout then carries the vision keys a real one has.
-    vision = Gemma4VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
-        patch_size=4,
-        pooling_kernel_size=2,
-        position_embedding_size=64,
-    )
-    config = DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=vision,
-        canvas_length=p["canvas_length"],
-        boi_token_id=vocab - 12,
-        eoi_token_id=vocab - 11,
-        image_token_id=vocab - 10,
-    )
-
-    torch.manual_seed(p["seed"])
-    model = DiffusionGemmaForBlockDiffusion(config).eval()
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            perturb = (
-                name.endswith("norm.weight")
-                or "layernorm" in name
-                or name.endswith("router.scale")
-                or name.endswith("router.per_expert_scale")
-            )
-            if perturb:
-                w.add_(0.1 * torch.randn_like(w))
-        for name, buf in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                buf.fill_(0.9)
-    model.generation_config = DiffusionGemmaGenerationConfig(
-        max_new_tokens=p["max_new_tokens"],
-        max_denoising_steps=p["max_denoising_steps"],
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
-        bos_token_id=2,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    if p["dtype"] == "bfloat16":
-        model = model.to(torch.bfloat16)
-    elif p["dtype"] != "float32":
-        raise ValueError(f"dtype must be float32 or bfloat16, not {p['dtype']!r}")
+    if params["dtype"] not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, not {params['dtype']!r}")
 
     # Build into a sibling temp dir and move it in place, so an interrupted build is never mistaken for a cache hit.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        build_reference(tmp, preset="bench", seed=params["seed"], dtype=params["dtype"],
+                        **{k: v for k, v in params.items() if k not in ("seed", "dtype")})
         (tmp / _MARKER).write_text(json.dumps(dict(params), indent=1, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)
