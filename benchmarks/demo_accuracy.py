@@ -46,7 +46,7 @@ def strip(ids, stop: set[int]) -> list[int]:
 def run_ours(model, prompts, batch_size, seed):
     import numpy as np
 
-    from mlx_dgemma.generate import DiffusionStats, generate_tokens
+    from mlx_dgemma.diffusion import DiffusionStats, generate_tokens
 
     outputs, tpf = [], []
     for b in range(0, len(prompts), batch_size):

@@ -36,7 +36,7 @@ def ours_worker(checkpoint: str, prompt_len: int = 64, steps: int = STEPS, repea
     import mlx.core as mx
 
     import mlx_dgemma
-    from mlx_dgemma.generate import DiffusionStats, generate_tokens
+    from mlx_dgemma.diffusion import DiffusionStats, generate_tokens
 
     t0 = time.perf_counter()
     model, _ = mlx_dgemma.load(checkpoint)

@@ -67,7 +67,7 @@ def child(spec: dict) -> None:
     import mlx.core as mx
 
     import mlx_dgemma
-    from mlx_dgemma.generate import prefill
+    from mlx_dgemma.diffusion import prefill
 
     mx.set_default_device(mx.cpu)
     model, _ = mlx_dgemma.load(spec["folder"])

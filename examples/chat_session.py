@@ -16,7 +16,7 @@ import threading
 import mlx.core as mx
 
 from mlx_dgemma import ChatSession
-from mlx_dgemma.generate import load_for_cli
+from mlx_dgemma.cli import load_for_cli
 
 
 class ChatController:

@@ -15,9 +15,9 @@ _EXPORTS = {
     "load": "loading",
     "convert": "convert",
     "generate": "generate",
-    "stream_generate": "generate",
-    "generate_tokens": "generate",
-    "ChatSession": "chat",
+    "stream_generate": "text_generation",
+    "generate_tokens": "diffusion",
+    "ChatSession": "session",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

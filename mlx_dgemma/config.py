@@ -11,6 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+# Prompt tokens per encoder chunk: peak memory grows with the chunk rather than the prompt.
+DEFAULT_PREFILL_STEP = 2048
+
+# The sampler settings a caller (API keyword, command-line flag) may override, as SamplerConfig names them.
+SAMPLER_FLAGS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 

@@ -1,28 +1,24 @@
-"""Tokenizer, chat templates and streaming detokenization for DiffusionGemma folders.
-
-Built on the `tokenizers` library (it reads the folder's `tokenizer.json`) and `jinja2` (chat templates); nothing
-here imports transformers.
+"""The tokenizer of a DiffusionGemma folder: `tokenizer.json` through the `tokenizers` library, with the folder's
+special tokens and chat templates; nothing here imports transformers.
 
     tok = load_tokenizer("path/to/model")          # None when the folder has no tokenizer.json
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], enable_thinking=False)
     text = tok.decode(generated_ids)                # special tokens kept, so that...
-    reasoning, answer = split_reasoning(text)       # ...the thought channel can be separated
+    reasoning, answer = split_reasoning(text)       # ...the thought channel can be separated (reasoning.py)
 
-Gemma 4 chat format (what the built-in template writes when a folder ships none):
-
-    <bos><|turn>system\\n[<|think|>\\n]{system}<turn|>\\n<|turn>user\\n{msg}<turn|>\\n<|turn>model\\n
-
-The system turn is written when there is a system message or thinking is on. Previous model turns are re-rendered
-with their reasoning (`<|channel>thought\\n ... <channel|>`) removed. With thinking off the generation prompt ends
-with the empty thought channel `<|channel>thought\\n<channel|>`; with thinking on it ends at `<|turn>model\\n`.
+Chat templates live in `chat_template.py`, streaming decoding in `detokenizer.py`, the thought channel in
+`reasoning.py`; their names are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from .chat_template import BUILTIN_CHAT_TEMPLATE, ChatTemplateError, compile_template
+from .detokenizer import StreamingDetokenizer, as_id_list
+from .reasoning import THOUGHT_CLOSE, THOUGHT_LABEL, THOUGHT_OPEN, split_reasoning
 
 __all__ = [
     "BUILTIN_CHAT_TEMPLATE",
@@ -32,268 +28,19 @@ __all__ = [
     "TokenizerLoadError",
     "load_tokenizer",
     "split_reasoning",
+    "THOUGHT_OPEN",
+    "THOUGHT_CLOSE",
+    "THOUGHT_LABEL",
 ]
-
-THOUGHT_OPEN = "<|channel>"
-THOUGHT_CLOSE = "<channel|>"
-THOUGHT_LABEL = "thought"
-
-# Our own Gemma 4 text chat template (used only when the folder ships no template). Plain jinja, so it can also be
-# written out as a `chat_template.jinja`.
-BUILTIN_CHAT_TEMPLATE = r"""{%- set thinking = enable_thinking is defined and enable_thinking -%}
-{%- macro render_content(content, strip_thinking) -%}
-{%- if content is string -%}
-{%- set text = content -%}
-{%- elif content is none -%}
-{%- set text = '' -%}
-{%- else -%}
-{%- set ns = namespace(text='') -%}
-{%- for part in content -%}
-{%- if part is string -%}
-{%- set ns.text = ns.text + part -%}
-{%- elif part['type'] == 'text' -%}
-{%- set ns.text = ns.text + part['text'] -%}
-{%- elif part['type'] == 'image' or part['type'] == 'image_url' -%}
-{%- set ns.text = ns.text + '<|image|>' -%}
-{%- elif part['type'] == 'audio' -%}
-{%- set ns.text = ns.text + '<|audio|>' -%}
-{%- elif part['type'] == 'video' -%}
-{%- set ns.text = ns.text + '<|video|>' -%}
-{%- else -%}
-{{- raise_exception('Unsupported content part type: ' ~ part['type']) -}}
-{%- endif -%}
-{%- endfor -%}
-{%- set text = ns.text -%}
-{%- endif -%}
-{%- if strip_thinking -%}
-{%- set ns2 = namespace(out='', rest=text) -%}
-{%- for _ in range(text.count('<|channel>')) -%}
-{%- set head = ns2.rest.split('<|channel>', 1) -%}
-{%- set ns2.out = ns2.out + head[0] -%}
-{%- if '<channel|>' in head[1] -%}
-{%- set ns2.rest = head[1].split('<channel|>', 1)[1] -%}
-{%- else -%}
-{%- set ns2.rest = '' -%}
-{%- endif -%}
-{%- endfor -%}
-{%- set text = ns2.out + ns2.rest -%}
-{%- endif -%}
-{{- text | trim -}}
-{%- endmacro -%}
-{{- bos_token -}}
-{%- if messages and messages[0]['role'] in ['system', 'developer'] -%}
-{%- set system_message = render_content(messages[0]['content'], false) -%}
-{%- set rest = messages[1:] -%}
-{%- set has_system = true -%}
-{%- else -%}
-{%- set system_message = '' -%}
-{%- set rest = messages -%}
-{%- set has_system = false -%}
-{%- endif -%}
-{%- if has_system or thinking -%}
-{{- '<|turn>system\n' -}}
-{%- if thinking -%}{{- '<|think|>\n' -}}{%- endif -%}
-{{- system_message -}}
-{{- '<turn|>\n' -}}
-{%- endif -%}
-{%- for message in rest -%}
-{%- if message['role'] == 'user' -%}
-{{- '<|turn>user\n' + render_content(message['content'], false) + '<turn|>\n' -}}
-{%- elif message['role'] in ['assistant', 'model'] -%}
-{{- '<|turn>model\n' + render_content(message['content'], true) + '<turn|>\n' -}}
-{%- elif message['role'] in ['system', 'developer'] -%}
-{{- raise_exception('A system message is only supported as the first message.') -}}
-{%- else -%}
-{{- raise_exception('Unsupported message role: ' ~ message['role']) -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|turn>model\n' -}}
-{%- if not thinking -%}{{- '<|channel>thought\n<channel|>' -}}{%- endif -%}
-{%- endif -%}
-"""
 
 
 class TokenizerLoadError(ValueError):
     """A tokenizer file of the folder could not be read; the message names the file."""
 
 
-class ChatTemplateError(ValueError):
-    """A chat template failed to compile or to render (including its own `raise_exception`)."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Chat template rendering (jinja2, sandboxed, HF-compatible environment)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Like HF's: no ASCII escaping, and no HTML-safe escaping (unlike jinja2's built-in tojson).
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_exception(message):
-    raise ChatTemplateError(str(message))
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
-def _jinja_environment():
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class _GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` (HF's assistant-mask marker): rendered as its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols], undefined=jinja2.Undefined
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def _compile_template(source: str, origin: str):
-    import jinja2
-
-    try:
-        return _jinja_environment().from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"{origin}: chat template syntax error (template line {e.lineno}): {e.message}") from e
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"{origin}: invalid chat template: {e}") from e
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reasoning / answer split
-
-
-def split_reasoning(text: str) -> tuple[str, str]:
-    """`(reasoning, answer)` from decoded model output (decoded with special tokens kept).
-
-    Reasoning is what the model writes inside `<|channel>thought\\n ... <channel|>`; an unterminated channel (the
-    generation ran out while thinking) counts as reasoning to the end of the text. Several channels are joined with
-    a blank line. The answer is everything outside the channels. Both are stripped of surrounding whitespace; other
-    special tokens (e.g. a trailing `<turn|>`) are left in place.
-    """
-    reasoning: list[str] = []
-    answer: list[str] = []
-    rest = text
-    while True:
-        start = rest.find(THOUGHT_OPEN)
-        if start < 0:
-            answer.append(rest)
-            break
-        answer.append(rest[:start])
-        rest = rest[start + len(THOUGHT_OPEN):]
-        end = rest.find(THOUGHT_CLOSE)
-        body, rest = (rest, "") if end < 0 else (rest[:end], rest[end + len(THOUGHT_CLOSE):])
-        if body.startswith(THOUGHT_LABEL):
-            body = body[len(THOUGHT_LABEL):]
-        body = body.strip()
-        if body:
-            reasoning.append(body)
-        if end < 0:
-            break
-    return "\n\n".join(reasoning), "".join(answer).strip()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Streaming detokenizer
-
-
-class StreamingDetokenizer:
-    """Incremental decoding, one token (or a few) at a time; mlx-lm's StreamingDetokenizer shape.
-
-    `text` is everything decoded so far, `last_segment` the part of it not read yet. A tail that does not decode to
-    complete characters yet (e.g. the first bytes of a character spelled with byte-fallback tokens) is held back until
-    the tokens that complete it arrive, or until `finalize()`. After `finalize()`, `text == decode(tokens)`.
-
-    Each new piece is decoded together with the previous piece as context, so decoders that treat the start of a
-    sequence specially (a stripped leading space, say) still give the same text as decoding everything at once.
-    One difference remains, for invalid byte-fallback runs only: `decode` turns a whole run of byte tokens into
-    U+FFFD when any part of it is not UTF-8, while characters this has already handed out stay as they were.
-    """
-
-    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = False):
-        self._tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.reset()
-
-    def reset(self):
-        self.tokens: list[int] = []
-        self.offset = 0  # how much of `text` has been handed out by `last_segment`
-        self._text = ""
-        self._context_start = 0  # tokens[_context_start:_pending_start] were the last piece emitted
-        self._pending_start = 0  # tokens[_pending_start:] are not in `text` yet
-        self._context_text = ""  # decode(tokens[_context_start:_pending_start])
-
-    def _decode(self, ids):
-        return self._tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def _advance(self, force: bool):
-        if self._pending_start == len(self.tokens):
-            return
-        full = self._decode(self.tokens[self._context_start:])
-        if not force and (full.endswith("\ufffd") or not full.startswith(self._context_text)):
-            return  # an incomplete character at the end (or an unstable decode): wait for more tokens
-        if full.startswith(self._context_text):
-            new = full[len(self._context_text):]
-        else:  # forced, and the context decodes differently in this company: fall back to the piece alone
-            new = self._decode(self.tokens[self._pending_start:])
-        self._text += new
-        self._context_start = self._pending_start
-        self._pending_start = len(self.tokens)
-        self._context_text = self._decode(self.tokens[self._context_start:self._pending_start])
-
-    def add_token(self, token: int):
-        self.tokens.append(int(token))
-        self._advance(force=False)
-
-    def add_tokens(self, tokens: Iterable[int]):
-        tokens = _as_id_list(tokens)
-        if tokens:
-            self.tokens.extend(tokens)
-            self._advance(force=False)
-
-    def finalize(self):
-        self._advance(force=True)
-
-    @property
-    def text(self) -> str:
-        return self._text
-
-    @property
-    def last_segment(self) -> str:
-        segment = self._text[self.offset:]
-        self.offset = len(self._text)
-        return segment
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizer
-
-
-def _as_id_list(ids) -> list[int]:
-    if hasattr(ids, "tolist"):  # mx.array / numpy
-        ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
 
 
 def _token_content(value) -> str | None:
@@ -404,7 +151,7 @@ class Tokenizer:
             chat_template, self.chat_template_origin = BUILTIN_CHAT_TEMPLATE, "built-in Gemma 4 template"
         self.chat_template = chat_template
         self._compiled_template = (
-            _compile_template(chat_template, self.chat_template_origin or name) if chat_template is not None else None
+            compile_template(chat_template, self.chat_template_origin or name) if chat_template is not None else None
         )
 
     # -- construction ------------------------------------------------------------------------------------------------
@@ -487,7 +234,7 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):
             return self._tok.id_to_token(ids)
-        return [self._tok.id_to_token(i) for i in _as_id_list(ids)]
+        return [self._tok.id_to_token(i) for i in as_id_list(ids)]
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -528,7 +275,7 @@ class Tokenizer:
         return [self._finish(t, e.ids, add_special_tokens) for t, e in zip(texts, encs)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(as_id_list(ids), skip_special_tokens=skip_special_tokens)
 
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
@@ -549,8 +296,8 @@ class Tokenizer:
             return self._compiled_template
         if chat_template in self.chat_templates:
             origin = f"{self.name} (chat template {chat_template!r})"
-            return _compile_template(self.chat_templates[chat_template], origin)
-        return _compile_template(chat_template, "chat_template argument")
+            return compile_template(self.chat_templates[chat_template], origin)
+        return compile_template(chat_template, "chat_template argument")
 
     def apply_chat_template(
         self,

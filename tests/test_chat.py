@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import mlx_dgemma
-from mlx_dgemma.chat import ChatSession, _common_prefix
+from mlx_dgemma.session import ChatSession, _common_prefix
 from mlx_dgemma.config import SamplerConfig
-from mlx_dgemma.generate import prefill
+from mlx_dgemma.diffusion import prefill
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = re.compile(r"\d+ tokens · [\d.]+ tok/s · prompt (?:[\d.]+ tok/s|cached) · peak [\d.]+ GB · [\d.]+ tokens/forward")
@@ -436,7 +436,7 @@ def test_cli_errors_get_one_line(chat_folder, tmp_path):
 
 
 def test_stats_line_of_a_turn_with_nothing_new_to_encode():
-    from mlx_dgemma.chat import Reply
+    from mlx_dgemma.session import Reply
 
     fresh = Reply(text="x", prompt_tokens=12, prompt_tps=300.0, generation_tokens=4, generation_tps=20.0)
     cached = Reply(text="x", prompt_tokens=0, generation_tokens=4, generation_tps=20.0)

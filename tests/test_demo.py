@@ -17,7 +17,7 @@ from mlx_dgemma import demo
 from mlx_dgemma import train as T
 from mlx_dgemma.convert import main as convert_main
 from mlx_dgemma.export import export_hf
-from mlx_dgemma.generate import DiffusionStats, generate_tokens
+from mlx_dgemma.diffusion import DiffusionStats, generate_tokens
 from mlx_dgemma.lora import apply_lora, LoRALinear, save_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_demo_answers_a_held_out_sample(demo_model):
 
 def test_demo_chat_keeps_answering_after_the_first_turn(demo_model):
     """In `python -m mlx_dgemma.chat` each message is a new problem: the demo template renders only the latest one."""
-    from mlx_dgemma.chat import ChatSession
+    from mlx_dgemma.session import ChatSession
 
     model, tokenizer = demo_model
     chat = ChatSession(model, tokenizer, seed=0)

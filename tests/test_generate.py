@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import mlx_dgemma
-from mlx_dgemma import generate as generate_module
-from mlx_dgemma.generate import DiffusionStats, generate_tokens, stream_generate
+from mlx_dgemma import diffusion as diffusion_module
+from mlx_dgemma.diffusion import DiffusionStats, generate_tokens
+from mlx_dgemma.text_generation import stream_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def test_batch_rows_match_single_runs_with_the_same_draws(chat_model):
     prompts = [[2, 10, 11, 12, 13, 14], [2, 40, 41]]
     draws = {}
 
-    class Fixed(generate_module.RandomSource):
+    class Fixed(diffusion_module.RandomSource):
         def __init__(self, rows):
             self.rows, self.n = rows, 0
 
@@ -168,7 +169,7 @@ def test_one_evaluation_and_one_host_read_per_step(chat_model, monkeypatch):
     _, model, _ = chat_model
     model.sampler_defaults = model.sampler_defaults.updated(eos_token_ids=[])
     counts = {"eval": 0, "host": 0}
-    real_eval, real_host = mx.eval, generate_module._to_host
+    real_eval, real_host = mx.eval, diffusion_module._to_host
 
     def counting_eval(*args):
         counts["eval"] += 1
@@ -179,7 +180,7 @@ def test_one_evaluation_and_one_host_read_per_step(chat_model, monkeypatch):
         return real_host(*args)
 
     monkeypatch.setattr(mx, "eval", counting_eval)
-    monkeypatch.setattr(generate_module, "_to_host", counting_host)
+    monkeypatch.setattr(diffusion_module, "_to_host", counting_host)
     stats = DiffusionStats()
     generate_tokens(model, [[2] + list(range(10, 40))], max_tokens=48, seed=0, prefill_step_size=8, stats=stats)
     prefill_chunks, encoded_canvases = 4, stats.canvases - 1

@@ -15,7 +15,7 @@ import torch
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx_dgemma
-from mlx_dgemma.generate import DiffusionStats, RandomSource, generate_tokens
+from mlx_dgemma.diffusion import DiffusionStats, RandomSource, generate_tokens
 
 
 class Replay(RandomSource):
