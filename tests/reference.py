@@ -37,9 +37,22 @@ def layer_pattern(n: int) -> list[str]:
     return ["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention" for i in range(n)]
 
 
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+    head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=64,
+)
+# A tower that a port with any piece wrong fails on: two layers, the standardisation on (its buffers get random
+# values below) and, below, a random position table (the reference initialises it to ones, which would hide an
+# x/y swap or a missing lookup).
+DISCRIMINATING_VISION = dict(num_hidden_layers=2, standardize=True)
+
+
 def build_reference(out_dir, preset: str = "tiny", seed: int = 0, layers: int | None = None, dtype: str = "float32",
-                    generation: dict | None = None, **overrides):
-    """Write a reference checkpoint to `out_dir` and return the torch model (eval mode)."""
+                    generation: dict | None = None, vision: dict | None = None, **overrides):
+    """Write a reference checkpoint to `out_dir` and return the torch model (eval mode).
+
+    `vision` overrides the tiny vision config (e.g. `DISCRIMINATING_VISION`); given, the tower's position table,
+    `std_bias` and `std_scale` are also randomised (otherwise the tower is as the reference initialises it)."""
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig, Gemma4VisionConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
@@ -60,12 +73,9 @@ def build_reference(out_dir, preset: str = "tiny", seed: int = 0, layers: int | 
         hidden_activation="gelu_pytorch_tanh", use_bidirectional_attention="vision", rope_parameters=ROPE,
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
-    vision = Gemma4VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=64,
-    )
+    vision_config = Gemma4VisionConfig(**{**TINY_VISION, **(vision or {})})
     v = p["vocab_size"]
-    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=p["canvas_length"],
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision_config, canvas_length=p["canvas_length"],
                                   boi_token_id=v - 12, eoi_token_id=v - 11, image_token_id=v - 10)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
@@ -76,6 +86,12 @@ def build_reference(out_dir, preset: str = "tiny", seed: int = 0, layers: int | 
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.fill_(0.9)
+        if vision is not None:
+            tower = model.model.encoder.vision_tower
+            tower.patch_embedder.position_embedding_table.normal_(0.0, 0.5)
+            if vision_config.standardize:
+                tower.std_bias.normal_(0.0, 10.0)
+                tower.std_scale.uniform_(0.5, 1.5)
     gen = dict(
         max_new_tokens=p["max_new_tokens"], max_denoising_steps=p["max_denoising_steps"],
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1), t_min=0.4, t_max=0.8, stability_threshold=1,
