@@ -78,12 +78,18 @@ class Attention(nn.Module):
         self.eps = args.rms_norm_eps
         self._rope_base, self._rope_periods = rope_frequencies(d, args.rope_parameters[self.layer_type])
 
-    def rope(self, x: mx.array, offset: int) -> mx.array:
+    def rope(self, x: mx.array, offset) -> mx.array:
+        """RoPE from position `offset` on (an int), or at positions `offset` `[B, L]` (the compacted decoder's
+        scattered canvas positions: each token becomes a batch entry of length 1 with its own offset)."""
+        if isinstance(offset, mx.array) and offset.ndim == 2:
+            B, n, L, d = x.shape
+            one = x.transpose(0, 2, 1, 3).reshape(B * L, n, 1, d)
+            return self.rope(one, offset.reshape(-1)).reshape(B, L, n, d).transpose(0, 2, 1, 3)
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=self._rope_base, scale=1.0, offset=offset, freqs=self._rope_periods
         )
 
-    def __call__(self, x: mx.array, offset: int, layer_cache: LayerCache, mask, encode: bool) -> mx.array:
+    def __call__(self, x: mx.array, offset, layer_cache: LayerCache, mask, encode: bool) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
         k_raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
