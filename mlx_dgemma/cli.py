@@ -35,6 +35,9 @@ def add_sampler_flags(p: argparse.ArgumentParser):
     p.add_argument("--t-max", type=float, help="Temperature at the first step (default 0.8).")
     p.add_argument("--stability-threshold", type=int, help="Steps the argmax canvas must stay unchanged (default 1).")
     p.add_argument("--confidence-threshold", type=float, help="Mean entropy below which a canvas is done (default 0.005).")
+    p.add_argument("--sampler", choices=("reference", "fast"),
+                   help="reference: the reference's loop (default); fast: the fast sampler (fewer positions computed).")
+    p.set_defaults(fast_sampler=None)  # the fast sampler's levers: generation_config.json or the API, no flag
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="Thinking mode.")
     p.add_argument("--seed", type=int, help="Random seed (default: fresh noise each run).")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, help="Prompt tokens per encoder chunk.")
@@ -63,7 +66,7 @@ def check_positive_flags(args):
 
 FLAG_NAMES = {"max_denoising_steps": "--steps", "max_new_tokens": "--max-tokens", "entropy_bound": "--entropy-bound",
               "t_min": "--t-min", "t_max": "--t-max", "stability_threshold": "--stability-threshold",
-              "confidence_threshold": "--confidence-threshold"}
+              "confidence_threshold": "--confidence-threshold", "sampler": "--sampler"}
 
 
 def flag_message(error: Exception) -> str:

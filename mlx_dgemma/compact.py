@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .fast_sampler import gathered_soft_embedding
+
 BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
@@ -40,15 +42,16 @@ def needed_positions(need: mx.array, size: int) -> tuple[mx.array, mx.array]:
 def scatter_rows(old: mx.array, positions: mx.array, valid: mx.array, new: mx.array) -> mx.array:
     """`old` `[B, C, ...]` with rows `positions` `[B, S]` replaced by `new` `[B, S, ...]` where `valid`.
 
-    Filler slots write what their position's first slot writes (or the old value), so duplicate indices
-    always carry the same value whichever write wins.
+    Invalid slots write the old value back, and filler copies of the first slot write what the first slot
+    writes, so duplicate indices always carry the same value whichever write wins.
     """
     extra = (1,) * (old.ndim - 2)
     idx = positions.reshape(*positions.shape, *extra)
     current = mx.take_along_axis(old, idx, axis=1)
     vmask = valid.reshape(*valid.shape, *extra)
     values = mx.where(vmask, new.astype(old.dtype), current)
-    values = mx.where(vmask, values, values[:, :1])
+    copy_first = (~vmask) & (idx == idx[:, :1])
+    values = mx.where(copy_first, values[:, :1], values)
     return mx.put_along_axis(old, mx.broadcast_to(idx, values.shape), values, axis=1)
 
 
@@ -91,7 +94,5 @@ def denoise_positions(model, tokens: mx.array, positions: mx.array, cache, buffe
 
 def soft_embedding_rows(model, indices: mx.array, probs: mx.array) -> mx.array:
     """Self-conditioning input from each position's top-K ids and probabilities (scaled like `_embed`)."""
-    from .fast_sampler import gathered_soft_embedding
-
     rows = model.embed_tokens(indices)
     return gathered_soft_embedding(rows, probs) * model._embed_scale(rows.dtype)

@@ -15,7 +15,8 @@ from pathlib import Path
 DEFAULT_PREFILL_STEP = 2048
 
 # The sampler settings a caller (API keyword, command-line flag) may override, as SamplerConfig names them.
-SAMPLER_FLAGS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+SAMPLER_FLAGS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold",
+                 "sampler", "fast_sampler")
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -162,6 +163,60 @@ class ModelArgs:
         return cls.from_dict(read_json(path), source=str(path))
 
 
+SAMPLERS = ("reference", "fast")
+OUR_GENERATION_KEY = "mlx_dgemma"  # our own settings in generation_config.json (the exporter drops the key)
+
+
+@dataclass
+class FastSamplerConfig:
+    """The fast sampler's levers (`fast_loop.py`), each on its own switch so its effect can be measured alone.
+
+    `top_k`: statistics (entropy, argmax, sample) over the K most likely tokens plus a tail bound, instead of the
+    whole vocabulary (None: the whole vocabulary). `gathered_sc`: self-conditioning from the top-K embedding
+    rows instead of the vocabulary-sized product (needs `top_k`). `freeze`: accepted positions are committed for
+    good (not re-noised, not re-decided); the canvas is done when every position is. `compact`: only positions
+    that are not committed (plus each just-committed one once more, so its keys/values see its token) run
+    through the decoder; the others' keys/values are reused (needs `freeze`). `eos_cut`: positions after a
+    committed end-of-generation id are committed as pad and never computed again (needs `freeze`).
+    `argmax_commit`: accepted positions take the argmax rather than the sample. `step_cap`: at most this many
+    steps per canvas (the temperature schedule compresses to it), then every open position takes its argmax;
+    `repair` recomputes those positions once more against the finished canvas and takes the new argmax.
+    """
+
+    top_k: int | None = 64
+    gathered_sc: bool = True
+    freeze: bool = True
+    compact: bool = True
+    eos_cut: bool = True
+    argmax_commit: bool = False
+    step_cap: int | None = None
+    repair: bool = False
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"fast_sampler.{name}={getattr(self, name)!r}: {why}")
+
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            bad("top_k", "must be a positive integer or null")
+        if self.gathered_sc and self.top_k is None:
+            bad("gathered_sc", "needs top_k")
+        for name in ("compact", "eos_cut"):
+            if getattr(self, name) and not self.freeze:
+                bad(name, "needs freeze")
+        if self.step_cap is not None and (not isinstance(self.step_cap, int) or self.step_cap <= 0):
+            bad("step_cap", "must be a positive integer or null")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "generation_config.json") -> "FastSamplerConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"{source}: unknown fast_sampler setting(s) {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
 @dataclass
 class SamplerConfig:
     """Block-diffusion sampling settings, resolved the way the reference's `generate` resolves them."""
@@ -175,6 +230,8 @@ class SamplerConfig:
     confidence_threshold: float = 0.005
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    sampler: str = "reference"  # or "fast" (`fast_loop.py`, with the levers of `fast_sampler`)
+    fast_sampler: FastSamplerConfig = field(default_factory=FastSamplerConfig)
 
     def __post_init__(self):
         self.validate()
@@ -197,6 +254,10 @@ class SamplerConfig:
             bad("stability_threshold", "must be an integer >= 0")
         if not self.confidence_threshold > 0:
             bad("confidence_threshold", "must be > 0")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", f"must be one of {list(SAMPLERS)}")
+        if not isinstance(self.fast_sampler, FastSamplerConfig):
+            bad("fast_sampler", "must be a FastSamplerConfig")
 
     def updated(self, **overrides) -> "SamplerConfig":
         """A copy with the non-None overrides applied (per-call settings beat the checkpoint's defaults)."""
@@ -228,6 +289,17 @@ class SamplerConfig:
         }
         if sampler.get("entropy_bound") is not None:
             kwargs["entropy_bound"] = sampler["entropy_bound"]
+        ours = gen.get(OUR_GENERATION_KEY) or {}
+        if not isinstance(ours, dict):
+            raise ConfigError(f"generation_config.json: {OUR_GENERATION_KEY} must be an object")
+        unknown = set(ours) - {"sampler", "fast_sampler"}
+        if unknown:
+            raise ConfigError(f"generation_config.json: {OUR_GENERATION_KEY} has unknown key(s) {sorted(unknown)}")
+        if ours.get("sampler") is not None:
+            kwargs["sampler"] = ours["sampler"]
+        if ours.get("fast_sampler") is not None:
+            kwargs["fast_sampler"] = FastSamplerConfig.from_dict(
+                ours["fast_sampler"], f"generation_config.json: {OUR_GENERATION_KEY}.fast_sampler")
         try:
             return cls(**kwargs, eos_token_ids=eos_ids, pad_token_id=pad)
         except ValueError as e:

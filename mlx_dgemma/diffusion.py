@@ -18,7 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu
-from .config import DEFAULT_PREFILL_STEP, SamplerConfig
+from .config import DEFAULT_PREFILL_STEP, FastSamplerConfig, SamplerConfig
+from .fast_loop import StepWork, fast_canvas
 from .sampler import (
     CanvasStatistics,
     canvas_statistics,
@@ -91,6 +92,7 @@ class DiffusionStats:
     prompt_seconds: float = 0.0
     passes: np.ndarray | None = None  # decoder passes per row (rows that stopped early do not count)
     tokens_per_forward: np.ndarray | None = None  # per row: non-pad canvas tokens / decoder passes
+    position_visits: np.ndarray | None = None  # per row: decoder positions computed, all steps and canvases
     steps: int = 0  # denoising steps run, all canvases
     canvases: int = 0
 
@@ -161,6 +163,47 @@ def _to_host(*arrays):
     return [a.tolist() for a in arrays]
 
 
+def _reference_canvas(model, cache, canvas, settings: SamplerConfig, rng: RandomSource, work: StepWork, *,
+                      finished: mx.array, drafts: bool = False, should_stop: Callable[[], bool] | None = None):
+    """Denoise one canvas `[B, C]` as the reference does; yields (steps so far, draft tokens or None) after each
+    step and returns (argmax canvas, steps). Every step computes all C positions of each row still running."""
+    args = model.args
+    (B, C), V = canvas.shape, args.vocab_size
+    N, S = settings.max_denoising_steps, settings.stability_threshold
+    argmax, weights, total, ent = canvas, None, None, None
+    done = mx.zeros((B,), dtype=mx.bool_)
+    history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
+    steps = 0
+    for step in range(N, 0, -1):
+        running = (~(done | finished)).astype(mx.int32)
+        work.passes, work.visits = work.passes + running, work.visits + C * running
+        logits = model.denoise_raw(canvas, cache, weights, total)
+        temp = mx.array(temperature(step, N, settings.t_min, settings.t_max), dtype=mx.float32)
+        new = lane_statistics(logits, temp, rng.uniforms((B, C)), args.final_logit_softcapping, model.dtype)
+        sample = rng.replace_sample(new.sample)
+        accept = entropy_bound_accept(new.entropy, settings.entropy_bound)
+        new_canvas = renoise(accept, sample, rng.noise((B, C), V))
+        new_weights, new_argmax, new_total, new_ent = new.weights, new.argmax, new.total, new.entropy
+        if B > 1 and weights is not None:  # rows that already stopped stay frozen
+            new_argmax, new_canvas, new_weights, new_total, new_ent = (
+                _keep_rows(done, old, fresh)
+                for old, fresh in zip((argmax, canvas, weights, total, ent),
+                                      (new_argmax, new_canvas, new_weights, new_total, new_ent))
+            )
+        is_stable, history = stable(history, new_argmax)
+        done = done | (is_stable & confident(new_ent, settings.confidence_threshold))
+        canvas, argmax, weights, total, ent = new_canvas, new_argmax, new_weights, new_total, new_ent
+        all_done = mx.all(done)
+        _sync(canvas, argmax, *weights, total, ent, done, work.passes, work.visits, all_done,
+              *([history] if S else []))
+        steps += 1
+        host = _to_host(all_done, argmax) if drafts else _to_host(all_done)
+        yield steps, (host[1] if drafts else None)
+        if host[0] or (should_stop is not None and should_stop()):
+            break
+    return argmax, steps
+
+
 def diffuse(
     model,
     cache,
@@ -173,56 +216,36 @@ def diffuse(
     should_stop: Callable[[], bool] | None = None,
     stats: DiffusionStats | None = None,
 ) -> Iterator[Draft | Canvas]:
-    """Denoise canvas after canvas over an encoded prompt, as the reference's `generate` does.
+    """Denoise canvas after canvas over an encoded prompt, as the reference's `generate` does (with
+    `settings.sampler == "fast"`, each canvas by the fast sampler of `fast_loop.py`).
 
     Yields a `Draft` after every step and a `Canvas` when one is committed; the committed canvas is encoded into
     the cache before the next one starts (the last one is not encoded). `should_stop` is polled once per step.
     """
     args = model.args
     B, C, V = batch_size, args.canvas_length, args.vocab_size
-    N, S = settings.max_denoising_steps, settings.stability_threshold
     stats = stats if stats is not None else DiffusionStats()
     stats.passes = np.zeros(B, dtype=np.int64)
     finished = np.zeros(B, dtype=bool)
     max_length = cache.offset + settings.max_new_tokens
     n_canvases = math.ceil(settings.max_new_tokens / C)
-    passes = mx.zeros((B,), dtype=mx.int32)
+    work = StepWork(mx.zeros((B,), dtype=mx.int32), mx.zeros((B,), dtype=mx.int32))
+    denoise_canvas = fast_canvas if settings.sampler == "fast" else _reference_canvas
     committed = []
 
     for index in range(n_canvases):
         canvas = rng.canvas((B, C), V)  # drawn even when a canvas is given, as the reference does
         if index == 0 and initial_canvas is not None:
             canvas = initial_canvas
-        argmax, weights, total, ent = canvas, None, None, None
-        done = mx.zeros((B,), dtype=mx.bool_)
-        history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
-        finished_now = mx.array(finished)
-        steps = 0
-        for step in range(N, 0, -1):
-            passes = passes + (~(done | finished_now)).astype(mx.int32)
-            logits = model.denoise_raw(canvas, cache, weights, total)
-            temp = mx.array(temperature(step, N, settings.t_min, settings.t_max), dtype=mx.float32)
-            new = lane_statistics(logits, temp, rng.uniforms((B, C)), args.final_logit_softcapping, model.dtype)
-            sample = rng.replace_sample(new.sample)
-            accept = entropy_bound_accept(new.entropy, settings.entropy_bound)
-            new_canvas = renoise(accept, sample, rng.noise((B, C), V))
-            new_weights, new_argmax, new_total, new_ent = new.weights, new.argmax, new.total, new.entropy
-            if B > 1 and weights is not None:  # rows that already stopped stay frozen
-                new_argmax, new_canvas, new_weights, new_total, new_ent = (
-                    _keep_rows(done, old, fresh)
-                    for old, fresh in zip((argmax, canvas, weights, total, ent),
-                                          (new_argmax, new_canvas, new_weights, new_total, new_ent))
-                )
-            is_stable, history = stable(history, new_argmax)
-            done = done | (is_stable & confident(new_ent, settings.confidence_threshold))
-            canvas, argmax, weights, total, ent = new_canvas, new_argmax, new_weights, new_total, new_ent
-            all_done = mx.all(done)
-            _sync(canvas, argmax, *weights, total, ent, done, passes, all_done, *([history] if S else []))
-            steps += 1
-            host = _to_host(all_done, argmax) if drafts else _to_host(all_done)
-            yield Draft(index, steps, host[1] if drafts else None)
-            if host[0] or (should_stop is not None and should_stop()):
+        steps_iter = denoise_canvas(model, cache, canvas, settings, rng, work, finished=mx.array(finished),
+                                    drafts=drafts, should_stop=should_stop)
+        while True:
+            try:
+                steps, draft = next(steps_iter)
+            except StopIteration as end:
+                argmax, steps = end.value
                 break
+            yield Draft(index, steps, draft)
         stats.steps += steps
         stats.canvases += 1
         tokens = np.array(argmax)
@@ -230,7 +253,8 @@ def diffuse(
             tokens, finished, settings.eos_token_ids, settings.pad_token_id,
             reached_max_length=cache.offset + C >= max_length,
         )
-        stats.passes = np.array(passes, dtype=np.int64)
+        stats.passes = np.array(work.passes, dtype=np.int64)
+        stats.position_visits = np.array(work.visits, dtype=np.int64)
         committed.append(tokens)
         stats.tokens_per_forward = tokens_per_forward(np.concatenate(committed, axis=1), stats.passes, settings.pad_token_id)
         yield Canvas(index, tokens, finished.copy(), steps)
@@ -293,16 +317,20 @@ def generate_tokens(
     t_max: float | None = None,
     stability_threshold: int | None = None,
     confidence_threshold: float | None = None,
+    sampler: str | None = None,
+    fast_sampler: FastSamplerConfig | None = None,
     initial_canvas=None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     rng: RandomSource | None = None,
     stats: DiffusionStats | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); per prompt, the new ids up to and
-    including the first end-of-generation id, never more than `max_tokens`."""
+    including the first end-of-generation id, never more than `max_tokens`. `sampler` is "reference" (the
+    reference's loop) or "fast" (`fast_loop.py`, with the levers `fast_sampler` switches)."""
     settings = resolve_settings(model, dict(
         max_new_tokens=max_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
         t_max=t_max, stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+        sampler=sampler, fast_sampler=fast_sampler,
     ))
     rng = rng or RandomSource(seed)
     pad = settings.pad_token_id if settings.pad_token_id is not None else 0

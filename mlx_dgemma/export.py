@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, read_json
+from .config import OUR_GENERATION_KEY, ModelArgs, read_json
 from .convert import (
     COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, row_ranges, shard, shard_filenames, source_dtype,
     staged_folder, vision_shapes,
@@ -197,6 +197,15 @@ def export_hf(
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        _drop_our_generation_settings(tmp / "generation_config.json")
     total = sum(i.nbytes for i in items)
     say(f"[INFO] Wrote a Hugging Face folder ({target_name}, {total / 1e6:.1f} MB) to {out}")
     return out
+
+
+def _drop_our_generation_settings(path: Path):
+    """transformers' DiffusionGemmaGenerationConfig rejects keys it does not know: our sampler choice stays out."""
+    if path.is_file():
+        gen = json.loads(path.read_text())
+        if gen.pop(OUR_GENERATION_KEY, None) is not None:
+            path.write_text(json.dumps(gen, indent=2, sort_keys=True))

@@ -13,7 +13,8 @@ tokens of each position:
 
 `entropy_bounds` states the bound: with `eps` the tail mass and `H_K` the entropy of the renormalised top K,
 `H = h(eps) + (1 - eps) H_K + eps H_tail` with `0 <= H_tail <= log(V - K)`, and that is increasing in `eps`
-below 1/2 when `V - K >= K`, so `eps`'s upper bound gives the entropy's.
+below `1 / (1 + e^max(0, H_K - log(V - K)))` (1/2 when `V - K >= K`), so there `eps`'s upper bound gives the
+entropy's.
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ def _binary_entropy(p: mx.array) -> mx.array:
 
 def entropy_bounds(top_entropy: mx.array, tail: mx.array, vocab_size: int, k: int) -> tuple[mx.array, mx.array]:
     """(lower, upper) bounds on the full entropy from the top-K entropy and an upper bound `tail` on the tail
-    mass (see the module docstring). Where the bound is no use (tail >= 1/2) the upper bound is log V."""
+    mass (see the module docstring). Where the entropy need not grow with the tail mass up to `tail` (for
+    V - K >= K: tail >= 1/2), the upper bound is log V."""
     rest = vocab_size - k
     if rest <= 0:
         return top_entropy, top_entropy
     log_v = math.log(vocab_size)
     upper = _binary_entropy(tail) + (1.0 - tail) * top_entropy + tail * math.log(rest)
-    usable = (tail < 0.5) if rest >= k else mx.zeros(tail.shape, dtype=mx.bool_)
-    upper = mx.minimum(mx.where(usable, upper, log_v), log_v)
+    # d/d(eps) of the bound is log((1 - eps) / eps) + log(V - K) - H_K: positive below this tail mass
+    increasing_below = 1.0 / (1.0 + mx.exp(mx.maximum(top_entropy - math.log(rest), 0.0)))
+    upper = mx.minimum(mx.where(tail < increasing_below, upper, log_v), log_v)
     return (1.0 - tail) * top_entropy, upper
 
 

@@ -116,7 +116,8 @@ class ChatSession:
     """A conversation with a DiffusionGemma model that keeps its KV cache between turns.
 
     `sampler` takes the diffusion settings (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`,
-    `stability_threshold`, `confidence_threshold`); unset ones come from the model's generation_config.json.
+    `stability_threshold`, `confidence_threshold`, `sampler` "reference" or "fast", `fast_sampler` a
+    FastSamplerConfig); unset ones come from the model's generation_config.json.
     `max_tokens` is the budget of one reply, reasoning included (default: the model's `max_new_tokens`, times
     `THINKING_BUDGET_FACTOR` with thinking on). `seed` makes the whole conversation reproducible.
 

@@ -44,6 +44,7 @@ class GenerationResponse:
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB
     tokens_per_forward: float = 0.0
+    position_visits: int = 0  # decoder positions computed so far (all steps and canvases)
     denoising_steps: int = 0
     canvases: int = 0
     finish_reason: str | None = None  # "stop" (an end-of-generation id) or "length"
@@ -90,7 +91,8 @@ def stream_generate(
 
     `prompt` is text (rendered with the chat template unless `chat_template=False`) or token ids. Sampler
     settings (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`,
-    `confidence_threshold`) override the model's `generation_config.json`. A `cache` continues a conversation:
+    `confidence_threshold`, `sampler` "reference" or "fast", `fast_sampler` a FastSamplerConfig) override the
+    model's `generation_config.json`. A `cache` continues a conversation:
     the prompt is then only the new tokens.
     """
     if max_tokens is not None and max_tokens <= 0:
@@ -112,10 +114,11 @@ def stream_generate(
     def response(**kw):
         elapsed = max(time.perf_counter() - gen_start, 1e-9)
         tpf = stats.tokens_per_forward[0] if stats.tokens_per_forward is not None else 0.0
+        visits = int(stats.position_visits[0]) if stats.position_visits is not None else 0
         return GenerationResponse(
             prompt_tokens=stats.prompt_tokens, prompt_tps=stats.prompt_tokens / max(stats.prompt_seconds, 1e-9),
             generation_tokens=emitted, generation_tps=emitted / elapsed, peak_memory=mx.get_peak_memory() / 1e9,
-            tokens_per_forward=float(tpf), denoising_steps=stats.steps, canvases=stats.canvases, **kw,
+            tokens_per_forward=float(tpf), position_visits=visits, denoising_steps=stats.steps, canvases=stats.canvases, **kw,
         )
 
     for event in diffuse(model, cache, 1, settings, rng, initial_canvas=canvas, drafts=drafts,
@@ -168,7 +171,8 @@ def print_stats(r: GenerationResponse, file=None):
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
-    print(f"Diffusion: {r.canvases} canvases, {r.denoising_steps} steps, {r.tokens_per_forward:.2f} tokens/forward",
-          file=file)
+    per_token = r.position_visits / max(r.generation_tokens, 1)
+    print(f"Diffusion: {r.canvases} canvases, {r.denoising_steps} steps, {r.tokens_per_forward:.2f} tokens/forward, "
+          f"{per_token:.1f} visits/token", file=file)
 
 

@@ -4,15 +4,31 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import json
+import shutil
+
 import mlx_dgemma
+from mlx_dgemma import fast_loop
 from mlx_dgemma.compact import bucket, denoise_positions, needed_positions, scatter_rows, take_rows
-from mlx_dgemma.generate import left_pad, prefill
+from mlx_dgemma.config import ConfigError, FastSamplerConfig, SamplerConfig
+from mlx_dgemma.diffusion import DiffusionStats, generate_tokens, left_pad, prefill
+from mlx_dgemma.session import ChatSession
+from mlx_dgemma.text_generation import stream_generate
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny):
     model, _ = mlx_dgemma.load(tiny[0])
     return model
+
+
+@pytest.fixture
+def no_eos(tiny_model):
+    """The tiny model with no end-of-generation id (every canvas runs), restored afterwards."""
+    saved = tiny_model.sampler_defaults
+    tiny_model.sampler_defaults = saved.updated(eos_token_ids=[])
+    yield tiny_model
+    tiny_model.sampler_defaults = saved
 
 
 def _encoded(model, prompts):
@@ -74,3 +90,117 @@ def test_buckets_cap_the_shapes():
     assert [bucket(n, 256) for n in (1, 16, 17, 100, 256)] == [16, 16, 32, 128, 256]
     assert bucket(3, 20) == 16 and bucket(17, 20) == 20
     assert len({bucket(n, 256) for n in range(1, 257)}) == 10
+
+
+# --- counting the work -----------------------------------------------------------------------------------------
+
+
+def test_position_visits_of_the_reference_sampler(no_eos):
+    """Each pass computes all 16 positions of a row still running; a row that stopped does not count."""
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2, 10, 11], [2, 20]], max_tokens=32, seed=0, max_denoising_steps=4,
+                    confidence_threshold=1e-30, stats=stats)  # never confident: 4 steps in each of 2 canvases
+    assert stats.passes.tolist() == [8, 8] and stats.position_visits.tolist() == [128, 128]
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2, 10, 11], [2, 20]], max_tokens=32, seed=0, max_denoising_steps=8,
+                    confidence_threshold=1e9, stats=stats)  # always confident: done once stable
+    assert stats.position_visits.tolist() == [16 * p for p in stats.passes.tolist()]
+
+
+def test_position_visits_of_the_fast_sampler(no_eos):
+    """An entropy bound nothing exceeds commits a whole canvas in its first step: 16 visits a canvas. With the
+    step cap at one step and the repair pass, the positions the cap committed are computed once more."""
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2, 10, 11]], max_tokens=32, seed=0, sampler="fast", entropy_bound=1e9, stats=stats)
+    assert stats.passes.tolist() == [2] and stats.position_visits.tolist() == [32] and stats.steps == 2
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2, 10, 11]], max_tokens=16, seed=0, sampler="fast", stats=stats,
+                    fast_sampler=FastSamplerConfig(step_cap=1, repair=True))
+    assert stats.steps == 2 and 16 < stats.position_visits[0] < 32  # some accepted, the rest repaired
+
+
+def test_stream_responses_and_the_cli_line_carry_visits(tiny_chat_folder):
+    model, tokenizer = mlx_dgemma.load(tiny_chat_folder)
+    responses = list(stream_generate(model, tokenizer, "why is the sky blue", 32, seed=0, max_denoising_steps=4,
+                                     sampler="fast"))
+    assert responses[-1].position_visits > 0
+    assert responses[-1].position_visits <= 16 * responses[-1].denoising_steps + 16
+
+
+# --- choosing the sampler ----------------------------------------------------------------------------------------
+
+
+def test_the_sampler_choice_is_read_from_generation_config(tiny, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny[0], folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen["mlx_dgemma"] = {"sampler": "fast", "fast_sampler": {"top_k": 8, "eos_cut": False}}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    model, _ = mlx_dgemma.load(folder)
+    assert model.sampler_defaults.sampler == "fast"
+    assert model.sampler_defaults.fast_sampler == FastSamplerConfig(top_k=8, eos_cut=False)
+    gen["mlx_dgemma"] = {"fast_sampler": {"top_kk": 8}}
+    with pytest.raises(ConfigError, match="generation_config.json.*top_kk"):
+        SamplerConfig.from_generation_config(gen)
+    gen["mlx_dgemma"] = {"sampler": "quick"}
+    with pytest.raises(ConfigError, match="generation_config.json: sampler='quick'"):
+        SamplerConfig.from_generation_config(gen)
+
+
+def test_export_keeps_our_sampler_choice_out_of_the_reference_config(tiny, tmp_path):
+    from mlx_dgemma.export import _drop_our_generation_settings
+
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"max_new_tokens": 8, "mlx_dgemma": {"sampler": "fast"}}))
+    _drop_our_generation_settings(path)
+    assert json.loads(path.read_text()) == {"max_new_tokens": 8}
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(top_k=0), "top_k"), (dict(top_k=None), "gathered_sc=True: needs top_k"),
+    (dict(freeze=False), "compact=True: needs freeze"), (dict(step_cap=0), "step_cap"),
+])
+def test_fast_sampler_settings_are_checked(bad, message):
+    with pytest.raises(ValueError, match=message):
+        FastSamplerConfig(**bad)
+
+
+def test_chat_session_takes_the_fast_sampler(tiny_chat_folder):
+    model, tokenizer = mlx_dgemma.load(tiny_chat_folder)
+    session = ChatSession(model, tokenizer, seed=0, max_denoising_steps=4, sampler="fast")
+    assert session.settings().sampler == "fast"
+    reply = session.send("why is the sky blue")
+    assert reply.tokens and reply.denoising_steps >= 1
+
+
+def test_the_reference_sampler_is_the_default_and_unchanged(no_eos):
+    """sampler="reference" is the default loop: same draws, same tokens as not naming a sampler."""
+    a = generate_tokens(no_eos, [[2, 10, 11]], max_tokens=32, seed=4)
+    b = generate_tokens(no_eos, [[2, 10, 11]], max_tokens=32, seed=4, sampler="reference")
+    assert a == b and no_eos.sampler_defaults.sampler == "reference"
+
+
+# --- lazy evaluation ---------------------------------------------------------------------------------------------
+
+
+def test_fast_sampler_evaluates_once_and_reads_once_per_step(no_eos, monkeypatch):
+    counts = {"eval": 0, "host": 0}
+    real_eval, real_sync = mx.eval, fast_loop._step_sync
+
+    def counting_eval(*args):
+        counts["eval"] += 1
+        return real_eval(*args)
+
+    def counting_sync(state, reads):
+        counts["host"] += 1
+        return real_sync(state, reads)
+
+    monkeypatch.setattr(mx, "eval", counting_eval)
+    monkeypatch.setattr(fast_loop, "_step_sync", counting_sync)
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2] + list(range(10, 40))], max_tokens=48, seed=0, prefill_step_size=8, stats=stats,
+                    sampler="fast")
+    prefill_chunks, encoded_canvases = 4, stats.canvases - 1
+    assert stats.steps >= stats.canvases == 3
+    assert counts["host"] == stats.steps  # one read per step: stop flag and the next step's bucket
+    assert counts["eval"] == stats.steps + prefill_chunks + encoded_canvases

@@ -205,6 +205,11 @@ def test_cli_end_to_end(chat_model):
         assert sum(line.startswith(prefix) for line in lines) == 1, prefix
     assert "Diffusion: 2 canvases, 8 steps" in r.stdout
     assert "tokens-per-sec" in r.stdout and "tokens/forward" in r.stdout
+    tokens = int(next(line for line in lines if line.startswith("Generation: ")).split()[1])
+    assert f"tokens/forward, {2 * 4 * 16 / tokens:.1f} visits/token" in r.stdout  # 8 passes over 16 positions
+    fast = run_cli("--model", folder, "-p", "why is the sky blue", "--seed", "0", "-m", "20", "--sampler", "fast")
+    assert fast.returncode == 0, fast.stderr
+    assert "visits/token" in fast.stdout
     quiet = run_cli("--model", folder, "-p", "-", "--seed", "0", "-m", "20", "--steps", "4", "--verbose", "false",
                     stdin="why is the sky blue")
     assert quiet.returncode == 0 and "Prompt:" not in quiet.stdout
@@ -218,6 +223,7 @@ def test_cli_end_to_end(chat_model):
     (["--entropy-bound", "-1"], "--entropy-bound"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--steps", "many"], "--steps"),
+    (["--sampler", "quick"], "--sampler"),
 ])
 def test_cli_bad_values_get_one_line(chat_model, flags, message):
     r = run_cli("--model", chat_model[0], "-p", "hi", *flags)

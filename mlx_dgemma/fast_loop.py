@@ -1,0 +1,156 @@
+"""The fast sampler's denoising loop for one canvas (`sampler="fast"`), beside the reference's.
+
+Same schedule and acceptance rule as the reference (temperature t_max -> t_min over the steps, entropy-bound
+acceptance of the lowest-entropy positions), with the levers of `FastSamplerConfig`, each on its own switch:
+statistics over the top K (`fast_sampler.top_k_statistics`), self-conditioning gathered from the top-K rows,
+monotone commit (`freeze`), only live positions through the decoder (`compact.denoise_positions`), the EOS tail
+cut, and a step cap with a repair pass. Without `freeze` the loop keeps the reference's rules (every position
+re-decided each step, re-noised unless accepted, stop when stable and confident, the argmax canvas is the output).
+
+Each step is one lazy graph, evaluated once; the one host read per step returns the stop flag and the number of
+positions the next step must compute (its shape bucket), plus the draft canvas when asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from .compact import bucket, denoise_positions, needed_positions, scatter_rows, soft_embedding_rows, take_rows
+from .config import SamplerConfig
+from .fast_sampler import top_k_statistics
+from .sampler import canvas_statistics, confident, entropy_bound_accept, stable, temperature
+
+
+@dataclass
+class StepWork:
+    """Per-row decoder work, accumulated lazily over steps and canvases: passes and positions computed."""
+
+    passes: mx.array
+    visits: mx.array
+
+
+def _step_sync(arrays, reads):
+    """The one evaluation and the one host read of a denoising step."""
+    mx.eval(*arrays, *reads)
+    return [a.tolist() for a in reads]
+
+
+def _statistics(model, logits, temp, uniforms, fast):
+    """(entropy, argmax, sample, soft embedding) for the computed positions, by the configured levers."""
+    cap = model.args.final_logit_softcapping
+    soft = None
+    if fast.top_k is not None:
+        top = top_k_statistics(logits, temp, uniforms, fast.top_k, cap)
+        ent, argmax, sample = top.entropy, top.argmax, top.sample
+        if fast.gathered_sc:
+            soft = soft_embedding_rows(model, top.indices, top.probs)
+    if soft is None:
+        full = canvas_statistics(logits, temp, uniforms, cap)
+        if fast.top_k is None:
+            ent, argmax, sample = full.entropy, full.argmax, full.sample
+        soft = model.embed_tokens_matmul(full.weights, transpose=False) / full.total[..., None]
+        soft = soft * model._embed_scale(soft.dtype)
+    return ent, argmax.astype(mx.int32), sample.astype(mx.int32), soft
+
+
+def fast_canvas(
+    model, cache, canvas: mx.array, settings: SamplerConfig, rng, work: StepWork, *,
+    finished: mx.array, drafts: bool = False, should_stop: Callable[[], bool] | None = None,
+) -> Iterator:
+    """Denoise one canvas `[B, C]`; yields (steps so far, draft tokens or None) after every step and returns
+    (tokens `[B, C]`, steps). `finished` `[B]` rows (ended in an earlier canvas) are never computed."""
+    fast = settings.fast_sampler
+    args = model.args
+    B, C, V = canvas.shape[0], args.canvas_length, args.vocab_size
+    n = settings.max_denoising_steps if fast.step_cap is None else min(fast.step_cap, settings.max_denoising_steps)
+    eos = mx.array(settings.eos_token_ids or [-1], dtype=mx.int32)
+    fill = settings.pad_token_id
+    every = mx.broadcast_to(mx.arange(C, dtype=mx.int32), (B, C))
+
+    tokens, argmax = canvas.astype(mx.int32), canvas.astype(mx.int32)
+    frozen = mx.broadcast_to(finished[:, None], (B, C))  # committed positions (all of an ended row)
+    fresh = mx.zeros((B, C), dtype=mx.bool_)  # committed last step: computed once more, for their keys/values
+    flushed = mx.zeros((B, C), dtype=mx.bool_)  # committed by the step cap (what the repair pass revisits)
+    entropies = mx.zeros((B, C), dtype=mx.float32)
+    done = finished
+    soft, buffers = None, [(None, None)] * len(model.layers)
+    history = mx.full((settings.stability_threshold, B, C), -1, dtype=mx.int32) if settings.stability_threshold else None
+    size, steps, repairing = C, 0, False
+
+    while True:
+        last = steps + 1 == n
+        compacting = fast.freeze and fast.compact
+        if not repairing and (steps == 0 or not compacting):  # every position, in order
+            positions, valid = every, mx.broadcast_to(~done[:, None], (B, C))
+            buffers = [(None, None)] * len(model.layers)
+        else:
+            need = flushed if repairing else (~frozen | fresh) & ~done[:, None]
+            positions, valid = needed_positions(need, size)
+        work.passes = work.passes + (~done).astype(mx.int32)
+        work.visits = work.visits + valid.sum(axis=1).astype(mx.int32)
+        temp = mx.array(temperature(max(n - steps, 1), n, settings.t_min, settings.t_max), dtype=mx.float32)
+        logits, buffers = denoise_positions(model, take_rows(tokens, positions), positions, cache, buffers,
+                                            None if soft is None else take_rows(soft, positions))
+        ent, new_argmax, sample, new_soft = _statistics(model, logits, temp, rng.uniforms(positions.shape), fast)
+        steps += 1
+        if repairing:
+            tokens = scatter_rows(tokens, positions, valid, new_argmax)
+            argmax = tokens
+            done = mx.ones((B,), dtype=mx.bool_)
+        elif fast.freeze:
+            live = take_rows(~frozen, positions) & valid
+            accept = entropy_bound_accept(mx.where(live, ent, mx.inf), settings.entropy_bound) & live
+            commit = new_argmax if fast.argmax_commit else sample
+            noise = rng.noise(positions.shape, V)
+            tokens = scatter_rows(tokens, positions, valid & live, mx.where(accept, commit, noise))
+            frozen = scatter_rows(frozen, positions, valid & live, accept)
+            fresh = scatter_rows(mx.zeros((B, C), dtype=mx.bool_), positions, valid, accept) if fast.compact else fresh
+            argmax = scatter_rows(argmax, positions, valid & live, new_argmax)
+            entropies = scatter_rows(entropies, positions, valid & live, ent)
+            # The reference's stop rule over the whole canvas (committed positions count with the entropy they
+            # were committed at); a row that meets it, or the step cap, commits its open positions' argmax.
+            is_stable, history = stable(history, mx.where(frozen, tokens, argmax))
+            settle = ((is_stable & confident(entropies, settings.confidence_threshold)) | last) & ~done
+            settling = ~frozen & settle[:, None]
+            flushed = flushed | (settling if last else False)
+            tokens, frozen = mx.where(settling, argmax, tokens), frozen | settling
+            if fast.eos_cut and settings.eos_token_ids:
+                is_eos = frozen & (tokens[..., None] == eos).any(axis=-1)
+                cut = every > mx.min(mx.where(is_eos, every, C), axis=1, keepdims=True)
+                tokens = mx.where(cut, fill, tokens) if fill is not None else tokens
+                frozen, fresh, entropies = frozen | cut, fresh & ~cut, mx.where(cut, 0.0, entropies)
+            argmax = mx.where(frozen, tokens, argmax)
+            done = done | mx.all(frozen, axis=1)
+        else:  # the reference's rules, with the configured statistics
+            accept = entropy_bound_accept(ent, settings.entropy_bound)
+            commit = new_argmax if fast.argmax_commit else sample
+            keep = done[:, None]
+            tokens = mx.where(keep, tokens, mx.where(accept, commit, rng.noise((B, C), V)))
+            argmax = mx.where(keep, argmax, new_argmax)
+            is_stable, history = stable(history, argmax)
+            done = done | (is_stable & confident(mx.where(keep, 0.0, ent), settings.confidence_threshold))
+            if last:
+                done = mx.ones((B,), dtype=mx.bool_)
+        soft = scatter_rows(soft if soft is not None else mx.zeros((*tokens.shape, new_soft.shape[-1]), new_soft.dtype),
+                            positions, valid, new_soft)
+        all_done = mx.all(done)
+        count = ((flushed if fast.repair and last else (~frozen | fresh) & ~done[:, None]).sum(axis=1).max()
+                 if compacting else mx.array(C))
+        state = [tokens, argmax, frozen, fresh, flushed, entropies, soft, done, work.passes, work.visits,
+                 *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
+        host = _step_sync(state, [all_done, count, *([argmax] if drafts else [])])
+        yield steps, (host[2] if drafts else None)
+        stop = should_stop is not None and should_stop()
+        if repairing or stop:
+            break
+        if host[0]:
+            if fast.repair and last and fast.freeze and host[1] > 0:
+                repairing, size = True, bucket(host[1], C)
+                done = finished
+                continue
+            break
+        size = bucket(max(host[1], 1), C) if compacting else C
+    return argmax, steps
