@@ -20,6 +20,7 @@ import numpy as np
 from . import cpu
 from .config import DEFAULT_PREFILL_STEP, FastSamplerConfig, SamplerConfig
 from .fast_loop import StepWork, fast_canvas
+from .vision import prepare_images
 from .sampler import (
     CanvasStatistics,
     canvas_statistics,
@@ -110,11 +111,15 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array 
     return mx.array(ids), (None if mask.all() else mx.array(mask))
 
 
-def prefill(model, ids: mx.array, cache, mask: mx.array | None = None, step: int = DEFAULT_PREFILL_STEP):
-    """Encode a prompt in chunks, so peak memory grows with the chunk rather than the prompt."""
-    for start in range(0, ids.shape[1], step):
-        chunk_mask = None if mask is None else mask[:, start : start + step]
-        model.encode(ids[:, start : start + step], cache, attention_mask=chunk_mask)
+def prefill(model, ids: mx.array, cache, mask: mx.array | None = None, step: int = DEFAULT_PREFILL_STEP, images=None):
+    """Encode a prompt in chunks, so peak memory grows with the chunk rather than the prompt. With `images`
+    (`vision.PromptImages`) no chunk cuts an image's block of soft tokens."""
+    length = ids.shape[1]
+    bounds = images.chunks(length, step) if images is not None else [(s, min(s + step, length)) for s in range(0, length, step)]
+    for start, stop in bounds:
+        chunk_mask = None if mask is None else mask[:, start:stop]
+        chunk_images = None if images is None else images.columns(start, stop)
+        model.encode(ids[:, start:stop], cache, attention_mask=chunk_mask, images=chunk_images)
         mx.eval(cache.state())
 
 
@@ -323,10 +328,15 @@ def generate_tokens(
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     rng: RandomSource | None = None,
     stats: DiffusionStats | None = None,
+    images: list[list] | None = None,
+    max_soft_tokens: int | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); per prompt, the new ids up to and
     including the first end-of-generation id, never more than `max_tokens`. `sampler` is "reference" (the
-    reference's loop) or "fast" (`fast_loop.py`, with the levers `fast_sampler` switches)."""
+    reference's loop) or "fast" (`fast_loop.py`, with the levers `fast_sampler` switches).
+
+    `images` holds one list per prompt (paths, bytes, data: URLs or PIL images; empty for none), one per
+    `<|image|>` placeholder id in that prompt, in order; `max_soft_tokens` overrides the folder's image budget."""
     settings = resolve_settings(model, dict(
         max_new_tokens=max_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
         t_max=t_max, stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
@@ -334,13 +344,18 @@ def generate_tokens(
     ))
     rng = rng or RandomSource(seed)
     pad = settings.pad_token_id if settings.pad_token_id is not None else 0
-    ids, mask = left_pad([list(p) for p in prompts], pad)
+    prompts, features = [list(p) for p in prompts], None
+    if images is not None and any(images):
+        prompts, features = prepare_images(model, prompts, images, max_soft_tokens=max_soft_tokens,
+                                           max_new_tokens=settings.max_new_tokens)
+    ids, mask = left_pad(prompts, pad)
     if ids.max().item() >= model.args.vocab_size or ids.min().item() < 0:
         raise ValueError(f"prompt ids must lie in [0, {model.args.vocab_size})")
+    prompt_images = None if features is None else model.vision.prompt_images(np.array(ids), features)
     cache = model.make_cache()
     stats = stats if stats is not None else DiffusionStats()
     start = time.perf_counter()
-    prefill(model, ids, cache, mask, prefill_step_size)
+    prefill(model, ids, cache, mask, prefill_step_size, prompt_images)
     stats.prompt_tokens, stats.prompt_seconds = ids.size, time.perf_counter() - start
     canvas = initial_canvas_ids(initial_canvas, ids.shape[0], model.args.canvas_length, model.args.vocab_size, rng)
     rows = [[] for _ in prompts]

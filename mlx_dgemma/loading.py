@@ -11,6 +11,7 @@ from .convert import make_plan, resolve_checkpoint, source_dtype
 from .cpu import keep_buffers
 from .model import VISION_PREFIXES, Model, checkpoint_name, widen_cpu_experts
 from .quantize import apply_to_model
+from .vision import load_vision
 from .weights import list_tensors
 
 
@@ -45,9 +46,12 @@ def load_model(folder: Path, lazy: bool = False) -> Model:
     if mx.default_device() == mx.cpu:
         widen_cpu_experts(model)
     model.sampler_defaults = SamplerConfig.from_folder(folder, args)
+    model.vision = load_vision(folder, config, args.hidden_size)  # None for a text-only folder
     model.eval()
     if not lazy:
         mx.eval(model.state)  # parameters and the private RoPE tables, so any thread can use the model
+        if model.vision is not None:
+            mx.eval(model.vision.model.state)
     return model
 
 

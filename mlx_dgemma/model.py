@@ -274,9 +274,11 @@ class Model(nn.Module):
     def make_cache(self) -> Cache:
         return Cache(self.args)
 
-    def encode(self, input_ids: mx.array, cache: Cache, attention_mask: mx.array | None = None) -> mx.array:
+    def encode(self, input_ids: mx.array, cache: Cache, attention_mask: mx.array | None = None, *, images=None) -> mx.array:
         """Append `input_ids` `[B, L]` to the cache (causally, at positions after the cache) and return the
-        final hidden states `[B, L, H]`. `attention_mask` (1 = token, 0 = left padding) is remembered."""
+        final hidden states `[B, L, H]`. `attention_mask` (1 = token, 0 = left padding) is remembered.
+        `images` (`vision.prompt.PromptImages`, for these columns) splices image soft tokens in at the image
+        tokens and lays the image-block rule over the masks."""
         input_ids = mx.array(input_ids)
         B, L = input_ids.shape
         if attention_mask is not None:
@@ -288,6 +290,10 @@ class Model(nn.Module):
             t: cache.encoder_mask(t, L, cache.layers[self._first_layer[t]].length) for t in self._first_layer
         }
         h = self._embed(input_ids)
+        if images is not None:
+            h = images.splice(h)
+            kept = {t: cache.layers[i].length for t, i in self._first_layer.items()}
+            masks = images.masks(masks, cache.offset, kept, self.args.sliding_window)
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, cache.offset, layer_cache, masks[layer.layer_type], encode=True)
         cache.offset += L

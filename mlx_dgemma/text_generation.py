@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
 from .config import DEFAULT_PREFILL_STEP
 from .diffusion import (
@@ -21,6 +22,7 @@ from .diffusion import (
     prefill,
     resolve_settings,
 )
+from .vision import prepare_images
 
 __all__ = ["GenerationResponse", "generate", "print_stats", "prompt_ids", "stream_generate"]
 
@@ -54,15 +56,18 @@ class GenerationResponse:
         return self.tokens[-1] if self.tokens else None
 
 
-def prompt_ids(tokenizer, prompt, *, system_prompt=None, enable_thinking=False, chat_template=True) -> list[int]:
-    """Token ids for a text prompt (through the chat template when there is one) or ids passed through."""
+def prompt_ids(tokenizer, prompt, *, system_prompt=None, enable_thinking=False, chat_template=True,
+               n_images: int = 0) -> list[int]:
+    """Token ids for a text prompt (through the chat template when there is one) or ids passed through. With
+    `n_images`, the template places that many image placeholders before the text."""
     if not isinstance(prompt, str):
         return [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
     if tokenizer is None:
         raise ValueError("a text prompt needs a tokenizer; this model folder has none (pass token ids instead)")
     if chat_template and tokenizer.has_chat_template:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}] if n_images else prompt
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
+            {"role": "user", "content": content}
         ]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     text = f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
@@ -85,6 +90,8 @@ def stream_generate(
     cache=None,
     should_stop: Callable[[], bool] | None = None,
     rng: RandomSource | None = None,
+    images: list | None = None,
+    max_soft_tokens: int | None = None,
     **sampler_overrides,
 ) -> Iterator[GenerationResponse]:
     """Stream a generation: one response per committed canvas (and per step with `drafts=True`).
@@ -94,18 +101,28 @@ def stream_generate(
     `confidence_threshold`, `sampler` "reference" or "fast", `fast_sampler` a FastSamplerConfig) override the
     model's `generation_config.json`. A `cache` continues a conversation:
     the prompt is then only the new tokens.
+
+    `images` (paths, bytes, data: URLs or PIL images) go before the text, placed by the chat template; a prompt
+    given as ids or without the template must hold one `<|image|>` placeholder per image. `max_soft_tokens`
+    (70/140/280/560/1120) overrides the folder's budget of soft tokens per image.
     """
     if max_tokens is not None and max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     settings = resolve_settings(model, {"max_new_tokens": max_tokens, **sampler_overrides})
+    images = list(images or [])
     ids = prompt_ids(tokenizer, prompt, system_prompt=system_prompt, enable_thinking=enable_thinking,
-                     chat_template=chat_template)
+                     chat_template=chat_template, n_images=len(images))
     rng = rng or RandomSource(seed)
     cache = cache if cache is not None else model.make_cache()
     mx.reset_peak_memory()
     stats = DiffusionStats()
     start = time.perf_counter()
-    prefill(model, mx.array([ids]), cache, None, prefill_step_size)
+    prompt_images = None
+    if images:
+        (ids,), features = prepare_images(model, [ids], [images], max_soft_tokens=max_soft_tokens,
+                                          max_new_tokens=settings.max_new_tokens, cached=len(cache))
+        prompt_images = model.vision.prompt_images(np.array([ids]), features)
+    prefill(model, mx.array([ids]), cache, None, prefill_step_size, prompt_images)
     stats.prompt_tokens, stats.prompt_seconds = len(ids), time.perf_counter() - start
     canvas = initial_canvas_ids(initial_canvas, 1, model.args.canvas_length, model.args.vocab_size, rng, tokenizer)
     detok = tokenizer.detokenizer() if tokenizer is not None else None
