@@ -38,6 +38,8 @@ def add_sampler_flags(p: argparse.ArgumentParser):
     p.add_argument("--sampler", choices=("reference", "fast"),
                    help="reference: the reference's loop (default); fast: the fast sampler (fewer positions computed).")
     p.set_defaults(fast_sampler=None)  # the fast sampler's levers: generation_config.json or the API, no flag
+    p.add_argument("--eos-token-id", type=int, action="append", dest="eos_token_ids", metavar="ID",
+                   help="End generation at this token id (repeat for several; replaces the model's).")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="Thinking mode.")
     p.add_argument("--seed", type=int, help="Random seed (default: fresh noise each run).")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, help="Prompt tokens per encoder chunk.")
@@ -66,7 +68,8 @@ def check_positive_flags(args):
 
 FLAG_NAMES = {"max_denoising_steps": "--steps", "max_new_tokens": "--max-tokens", "entropy_bound": "--entropy-bound",
               "t_min": "--t-min", "t_max": "--t-max", "stability_threshold": "--stability-threshold",
-              "confidence_threshold": "--confidence-threshold", "sampler": "--sampler"}
+              "confidence_threshold": "--confidence-threshold", "sampler": "--sampler",
+              "eos_token_ids": "--eos-token-id"}
 
 
 def flag_message(error: Exception) -> str:

@@ -16,7 +16,7 @@ DEFAULT_PREFILL_STEP = 2048
 
 # The sampler settings a caller (API keyword, command-line flag) may override, as SamplerConfig names them.
 SAMPLER_FLAGS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold",
-                 "sampler", "fast_sampler")
+                 "sampler", "fast_sampler", "eos_token_ids")
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -234,11 +234,17 @@ class SamplerConfig:
     fast_sampler: FastSamplerConfig = field(default_factory=FastSamplerConfig)
 
     def __post_init__(self):
+        if isinstance(self.eos_token_ids, int):
+            self.eos_token_ids = [self.eos_token_ids]
         self.validate()
 
     def validate(self):
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        eos = self.eos_token_ids
+        if not isinstance(eos, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in eos):
+            bad("eos_token_ids", "must be a list of token ids (integers >= 0)")
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             bad("max_new_tokens", "must be a positive integer")
@@ -277,10 +283,11 @@ class SamplerConfig:
             raise ConfigError(f"generation_config.json: sampler_config {sampler.get('_cls_name')!r} is not supported")
         eos = gen.get("eos_token_id")
         pad = gen.get("pad_token_id")
-        if not gen and args is not None:
-            # Without generation_config.json the reference stops at no EOS at all; users of mlx-lm expect the
-            # config's EOS to end generation, so fall back to it.
-            eos, pad = args.eos_token_id, args.pad_token_id
+        if args is not None:
+            # Where generation_config.json (or its eos/pad entry) is missing or null, the reference stops at no
+            # EOS at all; users of mlx-lm expect the config's EOS to end generation, so fall back to config.json.
+            eos = args.eos_token_id if eos is None else eos
+            pad = args.pad_token_id if pad is None else pad
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         kwargs = {
             k: gen[k]

@@ -324,6 +324,7 @@ def generate_tokens(
     confidence_threshold: float | None = None,
     sampler: str | None = None,
     fast_sampler: FastSamplerConfig | None = None,
+    eos_token_ids: list[int] | None = None,
     initial_canvas=None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     rng: RandomSource | None = None,
@@ -333,14 +334,15 @@ def generate_tokens(
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); per prompt, the new ids up to and
     including the first end-of-generation id, never more than `max_tokens`. `sampler` is "reference" (the
-    reference's loop) or "fast" (`fast_loop.py`, with the levers `fast_sampler` switches).
+    reference's loop) or "fast" (`fast_loop.py`, with the levers `fast_sampler` switches). `eos_token_ids` (this
+    call's end-of-generation ids; [] for none) wins over generation_config.json's and config.json's.
 
     `images` holds one list per prompt (paths, bytes, data: URLs or PIL images; empty for none), one per
     `<|image|>` placeholder id in that prompt, in order; `max_soft_tokens` overrides the folder's image budget."""
     settings = resolve_settings(model, dict(
         max_new_tokens=max_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
         t_max=t_max, stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
-        sampler=sampler, fast_sampler=fast_sampler,
+        sampler=sampler, fast_sampler=fast_sampler, eos_token_ids=eos_token_ids,
     ))
     rng = rng or RandomSource(seed)
     pad = settings.pad_token_id if settings.pad_token_id is not None else 0

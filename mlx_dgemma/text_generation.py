@@ -98,8 +98,9 @@ def stream_generate(
 
     `prompt` is text (rendered with the chat template unless `chat_template=False`) or token ids. Sampler
     settings (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`,
-    `confidence_threshold`, `sampler` "reference" or "fast", `fast_sampler` a FastSamplerConfig) override the
-    model's `generation_config.json`. A `cache` continues a conversation:
+    `confidence_threshold`, `sampler` "reference" or "fast", `fast_sampler` a FastSamplerConfig, `eos_token_ids`)
+    override the model's `generation_config.json` (and, for the EOS ids, `config.json`'s). A `cache` continues a
+    conversation:
     the prompt is then only the new tokens.
 
     `images` (paths, bytes, data: URLs or PIL images) go before the text, placed by the chat template; a prompt

@@ -1,7 +1,8 @@
-"""The tokenizer of a DiffusionGemma folder: `tokenizer.json` through the `tokenizers` library, with the folder's
-special tokens and chat templates; nothing here imports transformers.
+"""The tokenizer of a DiffusionGemma folder: `tokenizer.json` through the `tokenizers` library (or a SentencePiece
+`tokenizer.model` through `sentencepiece`, see `sp_tokenizer.py`), with the folder's special tokens and chat
+templates; nothing here imports transformers.
 
-    tok = load_tokenizer("path/to/model")          # None when the folder has no tokenizer.json
+    tok = load_tokenizer("path/to/model")          # None when the folder has no tokenizer.json / tokenizer.model
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], enable_thinking=False)
     text = tok.decode(generated_ids)                # special tokens kept, so that...
     reasoning, answer = split_reasoning(text)       # ...the thought channel can be separated (reasoning.py)
@@ -158,17 +159,17 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
-        from tokenizers import Tokenizer as _Backend
-
+        """`tokenizer.json` through `tokenizers`; without one, a SentencePiece `tokenizer.model`."""
         folder = Path(folder)
-        tok_path = folder / "tokenizer.json"
-        try:
-            backend = _Backend.from_file(str(tok_path))
-        except Exception as e:  # the tokenizers library raises plain Exception; say what is wrong with the file
-            raw = _read_json(tok_path, "tokenizer.json")  # raises the JSON error (line, column) if that is it
-            if not isinstance(raw, dict) or "model" not in raw:
-                raise TokenizerLoadError(f"{tok_path}: not a `tokenizers` tokenizer.json (no \"model\" entry)") from e
-            raise TokenizerLoadError(f"{tok_path}: the tokenizers library cannot load it: {e}") from e
+        if not (folder / "tokenizer.json").is_file() and (folder / "tokenizer.model").is_file():
+            from .sp_tokenizer import SentencePieceBackend, SentencePieceLoadError
+
+            try:
+                backend = SentencePieceBackend.from_file(folder / "tokenizer.model")
+            except SentencePieceLoadError as e:
+                raise TokenizerLoadError(str(e)) from e
+        else:
+            backend = _tokenizers_backend(folder / "tokenizer.json")
 
         config_path = folder / "tokenizer_config.json"
         config = _read_json_object(config_path, "tokenizer_config.json") or {}
@@ -339,10 +340,23 @@ class Tokenizer:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, template={self.chat_template_origin!r})"
 
 
+def _tokenizers_backend(tok_path: Path):
+    from tokenizers import Tokenizer as _Backend
+
+    try:
+        return _Backend.from_file(str(tok_path))
+    except Exception as e:  # the tokenizers library raises plain Exception; say what is wrong with the file
+        raw = _read_json(tok_path, "tokenizer.json")  # raises the JSON error (line, column) if that is it
+        if not isinstance(raw, dict) or "model" not in raw:
+            raise TokenizerLoadError(f"{tok_path}: not a `tokenizers` tokenizer.json (no \"model\" entry)") from e
+        raise TokenizerLoadError(f"{tok_path}: the tokenizers library cannot load it: {e}") from e
+
+
 def load_tokenizer(folder) -> Tokenizer | None:
-    """The folder's tokenizer, or None when it has no `tokenizer.json`. Malformed files raise `TokenizerLoadError`
-    (a ValueError naming the file); a chat template that does not compile raises `ChatTemplateError`."""
+    """The folder's tokenizer (`tokenizer.json`, else a SentencePiece `tokenizer.model`), or None when it has
+    neither. Malformed files raise `TokenizerLoadError` (a ValueError naming the file); a chat template that does
+    not compile raises `ChatTemplateError`."""
     folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file():
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         return None
     return Tokenizer.from_folder(folder)
