@@ -1,5 +1,7 @@
 """Tuning for MLX's CPU backend; nothing here changes results beyond float32 rounding, only speed.
 
+Which of these run is the backend profile's choice (`backend.py`), made once, not a device check here.
+
 MLX keeps freed buffers in a cache for reuse, but on the CPU backend that cache is limited to 32 MB by default
 (on Metal it is the memory limit). Every vocabulary-sized intermediate of a denoising step (256 x 262,144 float32
 = 268 MB) then goes back to malloc, and glibc hands such blocks back to the kernel, so the next step page-faults
@@ -16,10 +18,12 @@ import threading
 
 import mlx.core as mx
 
+from . import backend
+
 
 def keep_buffers() -> bool:
-    """On the CPU backend, let MLX cache freed buffers up to its memory limit; returns whether it changed."""
-    if mx.default_device() != mx.cpu or os.environ.get("MLX_DGEMMA_CPU_CACHE") == "0":
+    """Under the CPU profile, let MLX cache freed buffers up to its memory limit; returns whether it changed."""
+    if not backend.current().keep_buffers:
         return False
     limit = mx.get_memory_limit()
     return mx.set_cache_limit(limit) != limit
@@ -107,8 +111,8 @@ def exp_polynomial(x: mx.array) -> mx.array:
 
 
 def use_fast_math() -> bool:
-    """Whether the arithmetic exp/tanh replace libm's (on the CPU backend, unless MLX_DGEMMA_LIBM=1)."""
-    return mx.default_device() == mx.cpu and not os.environ.get("MLX_DGEMMA_LIBM")
+    """Whether the arithmetic exp/tanh replace libm's (the CPU profile, unless MLX_DGEMMA_LIBM=1)."""
+    return backend.current().fast_math
 
 
 # --- lanes: the vocabulary-sized passes split across CPU threads ---------------------------------------------------
@@ -143,9 +147,9 @@ def map_positions(n: int, build) -> list:
 
     On the CPU the positions go in chunks of about CHUNK, dealt to the lanes in turn: MLX evaluates one chunk's
     chain of vocabulary-sized intermediates before the next, so the step's peak memory follows the chunk, not the
-    canvas. Elsewhere: one slice, the default stream.
+    canvas. Without lanes (the GPU profile): one slice, the default stream.
     """
-    if mx.default_device() != mx.cpu:
+    if not backend.current().lanes:
         return [build(slice(0, n))]
     streams = lanes()
     out = []

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import cpu
+from . import backend, cpu
 from .config import DEFAULT_PREFILL_STEP, FastSamplerConfig, SamplerConfig
 from .fast_loop import StepWork, fast_canvas
 from .vision import prepare_images
@@ -361,7 +361,8 @@ def generate_tokens(
     stats.prompt_tokens, stats.prompt_seconds = ids.size, time.perf_counter() - start
     canvas = initial_canvas_ids(initial_canvas, ids.shape[0], model.args.canvas_length, model.args.vocab_size, rng)
     rows = [[] for _ in prompts]
-    for event in diffuse(model, cache, ids.shape[0], settings, rng, initial_canvas=canvas, stats=stats):
+    for event in backend.wired(model, diffuse(model, cache, ids.shape[0], settings, rng, initial_canvas=canvas,
+                                              stats=stats)):
         if isinstance(event, Canvas):
             for row, new in zip(rows, event.tokens.tolist()):
                 row.extend(new)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import backend
 from .config import ModelArgs, SamplerConfig, read_json
 from .convert import make_plan, resolve_checkpoint, source_dtype
 from .cpu import keep_buffers
@@ -34,6 +35,7 @@ def load_weights(folder: Path, config: dict, args: ModelArgs) -> dict[str, mx.ar
 
 
 def load_model(folder: Path, lazy: bool = False) -> Model:
+    backend.current()  # the device profile is picked here, once (see backend.py)
     keep_buffers()
     folder = Path(folder)
     config = read_json(folder / "config.json")
@@ -43,7 +45,7 @@ def load_model(folder: Path, lazy: bool = False) -> Model:
     if config.get("quantization"):
         apply_to_model(model, config["quantization"], weights)
     model.load_weights(list(weights.items()), strict=True)
-    if mx.default_device() == mx.cpu:
+    if backend.on_cpu():
         widen_cpu_experts(model)
     model.sampler_defaults = SamplerConfig.from_folder(folder, args)
     model.vision = load_vision(folder, config, args.hidden_size)  # None for a text-only folder

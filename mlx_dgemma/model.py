@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from . import cpu
+from . import backend, cpu
 from .cache import Cache, LayerCache
 from .config import FULL, SLIDING, ModelArgs
 
@@ -151,7 +151,7 @@ class Experts(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx = idx.reshape(-1, idx.shape[-1]).astype(mx.uint32)
-        if mx.default_device() == mx.cpu:
+        if backend.current().blocked_experts:
             y = self._blocked(x, idx)
         else:
             y = self._sorted_rows(x, idx)
@@ -159,7 +159,7 @@ class Experts(nn.Module):
         return out.reshape(shape)
 
     def _sorted_rows(self, x, idx):
-        # GPU path: one row per (token, expert) pair, sorted by expert so the gathered matmul reads each
+        # GPU profile: one row per (token, expert) pair, sorted by expert so the gathered matmul reads each
         # expert's weights once.
         n, k = idx.shape
         flat = idx.flatten()
@@ -168,7 +168,7 @@ class Experts(nn.Module):
         return y[mx.argsort(order)].reshape(n, k, -1)
 
     def _blocked(self, x, idx, block: int = 32):
-        # CPU path: row-by-row gathered matmuls run at matrix-vector speed on a CPU. Lay the (token, expert)
+        # CPU profile: row-by-row gathered matmuls run at matrix-vector speed on a CPU. Lay the (token, expert)
         # rows out in blocks of `block` rows that all belong to one expert (each expert's rows padded to a
         # multiple of `block`), so every block is a real matrix-matrix product. Shapes depend only on the
         # number of tokens, never on the routing, so nothing is read back to the host.

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from . import backend
 from .config import DEFAULT_PREFILL_STEP
 from .diffusion import (
     Draft,
@@ -139,8 +140,8 @@ def stream_generate(
             tokens_per_forward=float(tpf), position_visits=visits, denoising_steps=stats.steps, canvases=stats.canvases, **kw,
         )
 
-    for event in diffuse(model, cache, 1, settings, rng, initial_canvas=canvas, drafts=drafts,
-                         should_stop=should_stop, stats=stats):
+    for event in backend.wired(model, diffuse(model, cache, 1, settings, rng, initial_canvas=canvas, drafts=drafts,
+                                              should_stop=should_stop, stats=stats)):
         if isinstance(event, Draft):
             if drafts:
                 draft, _ = cut_at_eos(event.tokens[0], settings.eos_token_ids, len(event.tokens[0]))

@@ -1,3 +1,4 @@
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,21 @@ import mlx.core as mx  # noqa: E402
 
 from reference import add_word_tokenizer, build_reference, load_reference  # noqa: E402
 
-mx.set_default_device(mx.cpu)
+from mlx_dgemma import backend  # noqa: E402
+
+# The suite runs on the CPU unless MLX_DGEMMA_TEST_DEVICE=gpu (a Mac's Metal, a CUDA machine): then unchanged on
+# the GPU, with the profile the GPU picks.
+TEST_DEVICE = os.environ.get("MLX_DGEMMA_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "gpu"):
+    raise pytest.UsageError(f"MLX_DGEMMA_TEST_DEVICE={TEST_DEVICE!r}: expected cpu or gpu")
+mx.set_default_device(mx.gpu if TEST_DEVICE == "gpu" else mx.cpu)
+
+
+@pytest.fixture(params=list(backend.PROFILES) if TEST_DEVICE == "cpu" else ["gpu"])
+def profile(request):
+    """Runs a test under each backend profile (both on the CPU: the GPU's code paths are tested here too)."""
+    with backend.using(request.param) as active:
+        yield active
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def test_encoder_hidden_states_and_cache(tiny_mlx):
 
 
 @pytest.mark.parametrize("with_sc", [False, True])
-def test_decoder_logits(tiny_mlx, with_sc):
+def test_decoder_logits(tiny_mlx, with_sc, profile):
     _, ref, model = tiny_mlx
     rng = np.random.default_rng(0)
     ids = np.array([[2] + list(range(30, 41))])
@@ -84,7 +84,7 @@ def test_decoder_logits(tiny_mlx, with_sc):
     assert len(cache) == 12
 
 
-def test_prompt_longer_than_sliding_window_and_second_canvas(tiny_mlx):
+def test_prompt_longer_than_sliding_window_and_second_canvas(tiny_mlx, profile):
     """A 21-token prompt (window 8) in one encode; then a finished canvas re-encoded at its decoder positions."""
     _, ref, model = tiny_mlx
     rng = np.random.default_rng(1)
@@ -113,7 +113,7 @@ def test_chunked_encoding_equals_one_encode(tiny_mlx):
     assert err(model.denoise(canvas, whole), model.denoise(canvas, chunked)) < 1e-5
 
 
-def test_batch_of_two_with_left_padding(tiny_mlx):
+def test_batch_of_two_with_left_padding(tiny_mlx, profile):
     _, ref, model = tiny_mlx
     rng = np.random.default_rng(4)
     pads = 5
