@@ -46,6 +46,10 @@ OPENBLAS = os.environ.get("MLX_DGEMMA_OPENBLAS", "/usr/lib/x86_64-linux-gnu/open
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from reference import PRESETS, build_reference, layer_pattern  # noqa: E402  (standard library only at import)
 
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+from benchmarks import blas  # noqa: E402  (standard library only at import)
+
 #: The released model's proportions at a size this CPU can time: the tests' `bench` preset (`tests/reference.py`),
 #: whose layer pattern follows the layer count, plus the weights' dtype.
 BENCH_PRESET: Dict[str, Any] = {**{k: v for k, v in PRESETS["bench"].items() if k != "layer_types"}, "dtype": "float32"}
@@ -303,7 +307,15 @@ def openblas_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
         if OPENBLAS not in pre:
             pre.insert(0, OPENBLAS)
         e["LD_PRELOAD"] = ":".join(pre)
+        e = blas.apply_override(e)  # OPENBLAS_CORETYPE where the library misdetects an AVX-512 CPU
     return e
+
+
+def print_gemm_rate(file=None) -> str:
+    """Print (and return) the float32 GEMM rate this process gets (imports mlx)."""
+    line = blas.describe()
+    print(line, file=file or sys.stderr, flush=True)
+    return line
 
 
 def run_in_subprocess(

@@ -38,6 +38,7 @@ def ours_worker(checkpoint: str, prompt_len: int = 64, steps: int = STEPS, repea
     import mlx_dgemma
     from mlx_dgemma.diffusion import DiffusionStats, generate_tokens
 
+    gemm = common.print_gemm_rate()
     t0 = time.perf_counter()
     model, _ = mlx_dgemma.load(checkpoint)
     load_s = time.perf_counter() - t0
@@ -71,7 +72,7 @@ def ours_worker(checkpoint: str, prompt_len: int = 64, steps: int = STEPS, repea
         step_ms=common.summarize(times["step"]), generate_ms=common.summarize(times["generate"]),
         step_cpu_ms=common.summarize(cpu["step"]), generate_cpu_ms=common.summarize(cpu["generate"]),
         mlx_peak_mb=round(mx.get_peak_memory() / 2**20, 1), loadavg=load, self_peak_rss_mb=common.self_peak_rss_mb(),
-        machine=common.machine_info(),
+        machine=common.machine_info(), gemm=gemm,
     )
 
 
@@ -105,6 +106,7 @@ def main(argv=None):
 
     ours = results["mlx_dgemma"]
     print(f"\nbench checkpoint {checkpoint}; 64-token prompt, batch 1, float32, {STEPS} steps, one 256-token canvas")
+    print(f"mlx_dgemma's process: {ours.get('gemm')}")
     print(f"{'':14s}{'decoder step':>14s}{'gen. per step':>15s}{'gen. tok/s':>12s}{'peak RSS':>10s}")
     for name, r in results.items():
         if name == "mlxlm_ar":
