@@ -17,6 +17,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from . import backend, cpu
 from .cache import Cache, LayerCache
 from .config import FULL, SLIDING, ModelArgs
+from .sampler import softmax_parts
 
 
 def rms_normalize(x: mx.array, eps: float) -> mx.array:
@@ -310,11 +311,12 @@ class Model(nn.Module):
         """Float32 soft-capped logits `[B, C, V]` for the canvas at the positions right after the cache.
 
         The cache is read, never written. Self-conditioning takes the previous step's (tempered) logits, or
-        their probabilities.
+        their probabilities. Logits take the generation loop's path (the softmax per lane, left unnormalised).
         """
-        if self_conditioning_probs is None and self_conditioning_logits is not None:
-            self_conditioning_probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
-        return self.softcap(self.denoise_raw(canvas, cache, self_conditioning_probs))
+        distribution, total = self_conditioning_probs, None
+        if distribution is None and self_conditioning_logits is not None:
+            distribution, total = softmax_parts(self_conditioning_logits, self.dtype)
+        return self.softcap(self.denoise_raw(canvas, cache, distribution, total))
 
     def denoise_raw(
         self, canvas: mx.array, cache: Cache, distribution=None, total: mx.array | None = None

@@ -114,6 +114,20 @@ def softmax(logits: mx.array) -> mx.array:
     return weights / total[..., None]
 
 
+def softmax_parts(logits: mx.array, dtype) -> tuple[list[mx.array], mx.array]:
+    """softmax(logits) `[B, C, V]` in the form the generation loop hands the decoder its self-conditioning:
+    unnormalised weights in position chunks (one pass per lane, see `cpu.map_positions`), cast to `dtype`, and
+    their sums `[B, C]` (the decoder divides the small soft embedding instead of the weights)."""
+
+    def chunk(rows):
+        _, weights, total, _ = _softmax_entropy(logits[..., rows, :].astype(mx.float32))
+        return weights.astype(dtype), total
+
+    parts = cpu.map_positions(logits.shape[-2], chunk)
+    totals = [t for _, t in parts]
+    return [w for w, _ in parts], totals[0] if len(totals) == 1 else mx.concatenate(totals, axis=-1)
+
+
 def entropy_bound_accept(entropy: mx.array, bound: float) -> mx.array:
     """Accept the k lowest-entropy positions with sum(H_1..H_k) - H_k <= bound (EB-sampler, arXiv 2505.24857).
 
