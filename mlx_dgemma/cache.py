@@ -76,6 +76,15 @@ class Cache:
         else:
             self.token_mask = mx.concatenate([self.token_mask, attention_mask], axis=1)
 
+    def select(self, rows: list[int]):
+        """Keep only these batch rows (a server's request left the batch)."""
+        index = mx.array(rows, dtype=mx.int32)
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        if self.token_mask is not None:
+            self.token_mask = self.token_mask[index]
+
     def state(self):
         arrays = [a for layer in self.layers for a in layer.state() if a is not None]
         return arrays + ([self.token_mask] if self.token_mask is not None else [])

@@ -169,9 +169,14 @@ def _to_host(*arrays):
 
 
 def _reference_canvas(model, cache, canvas, settings: SamplerConfig, rng: RandomSource, work: StepWork, *,
-                      finished: mx.array, drafts: bool = False, should_stop: Callable[[], bool] | None = None):
+                      finished: mx.array, drafts: bool = False, should_stop: Callable[[], bool] | None = None,
+                      rows_to_keep: Callable[[], list[int] | None] | None = None):
     """Denoise one canvas `[B, C]` as the reference does; yields (steps so far, draft tokens or None) after each
-    step and returns (argmax canvas, steps). Every step computes all C positions of each row still running."""
+    step and returns (argmax canvas, steps). Every step computes all C positions of each row still running.
+
+    `rows_to_keep` (a server's batch) is polled after every step: it returns the indices of the rows that go on
+    when some leave (None when all stay); the others are dropped from this canvas, from the cache
+    (`cache.select`) and from the random source (`rng.keep`), and the returned canvas has only the rows kept."""
     args = model.args
     (B, C), V = canvas.shape, args.vocab_size
     N, S = settings.max_denoising_steps, settings.stability_threshold
@@ -204,9 +209,26 @@ def _reference_canvas(model, cache, canvas, settings: SamplerConfig, rng: Random
         steps += 1
         host = _to_host(all_done, argmax) if drafts else _to_host(all_done)
         yield steps, (host[1] if drafts else None)
+        rows = rows_to_keep() if rows_to_keep is not None else None
+        if rows is not None:
+            if not rows:
+                return argmax[:0], steps
+            B, kept = len(rows), mx.array(rows, dtype=mx.int32)
+            canvas, argmax, total, ent, done, finished = (a[kept] for a in (canvas, argmax, total, ent, done, finished))
+            weights, history = [w[kept] for w in weights], (history[:, kept] if S else None)
+            work.passes, work.visits = work.passes[kept], work.visits[kept]
+            cache.select(rows)
+            rng.keep(rows)
+            host[0] = bool(mx.all(done).item())
         if host[0] or (should_stop is not None and should_stop()):
             break
     return argmax, steps
+
+
+def canvas_loop(settings: SamplerConfig):
+    """The function that denoises one canvas under these settings: the reference's loop or the fast sampler's
+    (`fast_loop.fast_canvas`). Same arguments, same protocol (see `_reference_canvas`)."""
+    return fast_canvas if settings.sampler == "fast" else _reference_canvas
 
 
 def diffuse(
@@ -235,7 +257,7 @@ def diffuse(
     max_length = cache.offset + settings.max_new_tokens
     n_canvases = math.ceil(settings.max_new_tokens / C)
     work = StepWork(mx.zeros((B,), dtype=mx.int32), mx.zeros((B,), dtype=mx.int32))
-    denoise_canvas = fast_canvas if settings.sampler == "fast" else _reference_canvas
+    denoise_canvas = canvas_loop(settings)
     committed = []
 
     for index in range(n_canvases):

@@ -173,8 +173,8 @@ def test_multi_turn_strips_previous_thinking(gemma):
 
 
 def test_template_rejects_bad_roles(gemma):
-    with pytest.raises(ChatTemplateError, match="Unsupported message role: tool"):
-        gemma.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="Unsupported message role: narrator"):
+        gemma.apply_chat_template([{"role": "narrator", "content": "x"}])
     with pytest.raises(ChatTemplateError, match="first message"):
         gemma.apply_chat_template([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
 
