@@ -11,7 +11,15 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from .cli import SAMPLER_FLAGS, Parser, add_sampler_flags, check_positive_flags, flag_message, load_for_cli
+from .cli import (
+    SAMPLER_FLAGS,
+    Parser,
+    add_image_flags,
+    add_sampler_flags,
+    check_positive_flags,
+    flag_message,
+    load_for_cli,
+)
 
 if TYPE_CHECKING:
     from .session import ChatSession
@@ -38,14 +46,18 @@ HELP = """Commands:
   /steps N       denoising steps per canvas
   /seed N        reseed the sampler
   /canvas on|off show the canvas denoising live
+  /image PATH    attach an image to the next message (repeatable)
 Ctrl-C stops the reply being generated."""
 
 REASONING_STYLE = "\x1b[3;90m"  # italic, grey
 
 
 class Repl:
-    def __init__(self, session: "ChatSession", canvas: bool | None = None, out=None):
+    def __init__(self, session: "ChatSession", canvas: bool | None = None, out=None, images=None):
         self.session = session
+        self.pending_images: list[str] = []  # sent with the next message
+        for path in images or []:
+            self.attach(path, quiet=True)
         self.out = out or sys.stdout
         self.tty = self.out.isatty()
         self.canvas = self.tty if canvas is None else canvas
@@ -76,6 +88,14 @@ class Repl:
                 if arg:
                     self.canvas = arg == "on"
                 self.say(f"[canvas {'on' if self.canvas else 'off'}]")
+        elif word == "/image":
+            if not arg:
+                self.say("usage: /image PATH")
+            else:
+                try:
+                    self.attach(arg)
+                except ValueError as e:
+                    self.say(f"error: {e}")
         elif word in ("/steps", "/seed"):
             try:
                 value = int(arg)
@@ -95,6 +115,15 @@ class Repl:
             self.say(f"unknown command {word} (h for help)")
         return True
 
+    def attach(self, path: str, quiet: bool = False):
+        """Read an image now (so a bad file is named at once) and keep it for the next message."""
+        from .vision import require_vision
+
+        (patches,) = require_vision(self.session.model).process([path], self.session.max_soft_tokens)
+        self.pending_images.append(path)
+        if not quiet:
+            self.say(f"[image {path}: {patches.soft_tokens} soft tokens, sent with the next message]")
+
     def turn(self, text: str):
         from .display import CanvasView
 
@@ -103,7 +132,8 @@ class Repl:
         reply = None
         previous = signal.signal(signal.SIGINT, lambda *_: self.session.cancel())
         try:
-            for chunk in self.session.stream(text, drafts=self.tty and self.canvas):
+            images, self.pending_images = self.pending_images, []
+            for chunk in self.session.stream(text, drafts=self.tty and self.canvas, images=images):
                 if chunk.is_draft:
                     view.draft(chunk.draft)
                     continue
@@ -167,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Token budget of one reply, reasoning included (default: the model's; 4x with --think).")
     p.add_argument("--canvas", action=argparse.BooleanOptionalAction, default=None,
                    help="Show the canvas denoising live (default: on in a terminal).")
+    add_image_flags(p)
     add_sampler_flags(p)
     return p
 
@@ -180,9 +211,10 @@ def main(argv=None) -> int:
         model, tokenizer = load_for_cli(args.model, args.adapter_path)
         session = ChatSession(
             model, tokenizer, args.system_prompt, args.think, max_tokens=args.max_tokens, seed=args.seed,
-            prefill_step_size=args.prefill_step_size, **{k: getattr(args, k) for k in SAMPLER_FLAGS},
+            prefill_step_size=args.prefill_step_size, max_soft_tokens=args.max_soft_tokens,
+            **{k: getattr(args, k) for k in SAMPLER_FLAGS},
         )
-        return Repl(session, canvas=args.canvas).run()
+        return Repl(session, canvas=args.canvas, images=args.image).run()
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 1

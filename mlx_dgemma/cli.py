@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULT_PREFILL_STEP, SAMPLER_FLAGS  # noqa: F401  (SAMPLER_FLAGS: for the command lines)
+from .config import DEFAULT_PREFILL_STEP, IMAGE_SOFT_TOKEN_BUDGETS, SAMPLER_FLAGS  # noqa: F401  (SAMPLER_FLAGS: for the command lines)
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,6 +43,13 @@ def add_sampler_flags(p: argparse.ArgumentParser):
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="Thinking mode.")
     p.add_argument("--seed", type=int, help="Random seed (default: fresh noise each run).")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, help="Prompt tokens per encoder chunk.")
+
+
+def add_image_flags(p: argparse.ArgumentParser):
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="An image for the prompt (repeatable; placed before the text). Needs a model with a vision tower.")
+    p.add_argument("--max-soft-tokens", type=int, choices=IMAGE_SOFT_TOKEN_BUDGETS,
+                   help="Soft tokens per image at most (default: the model folder's processor config, 280).")
 
 
 def load_for_cli(model_path: str | None, adapter_path: str | None = None):

@@ -30,6 +30,10 @@ DEFAULT_ROPE = {
 }
 
 
+# The soft-token budgets per image that the Gemma 4 image processor accepts (`max_soft_tokens`).
+IMAGE_SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+
+
 class ConfigError(ValueError):
     """A checkpoint's configuration cannot be used; the message names the file and the key."""
 

@@ -111,15 +111,21 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array 
     return mx.array(ids), (None if mask.all() else mx.array(mask))
 
 
+def prefill_chunks(length: int, step: int, images=None) -> list[tuple[int, int]]:
+    """Column ranges of about `step` for encoding a prompt; with `images`, none cuts an image block."""
+    if images is not None:
+        return images.chunks(length, step)
+    return [(s, min(s + step, length)) for s in range(0, length, step)]
+
+
 def prefill(model, ids: mx.array, cache, mask: mx.array | None = None, step: int = DEFAULT_PREFILL_STEP, images=None):
     """Encode a prompt in chunks, so peak memory grows with the chunk rather than the prompt. With `images`
     (`vision.PromptImages`) no chunk cuts an image's block of soft tokens."""
-    length = ids.shape[1]
-    bounds = images.chunks(length, step) if images is not None else [(s, min(s + step, length)) for s in range(0, length, step)]
-    for start, stop in bounds:
+    for start, stop in prefill_chunks(ids.shape[1], step, images):
         chunk_mask = None if mask is None else mask[:, start:stop]
         chunk_images = None if images is None else images.columns(start, stop)
-        model.encode(ids[:, start:stop], cache, attention_mask=chunk_mask, images=chunk_images)
+        extra = {} if chunk_images is None else {"images": chunk_images}  # text prompts call encode as before
+        model.encode(ids[:, start:stop], cache, attention_mask=chunk_mask, **extra)
         mx.eval(cache.state())
 
 

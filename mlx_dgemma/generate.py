@@ -15,6 +15,7 @@ import types
 from .cli import (
     SAMPLER_FLAGS,
     Parser,
+    add_image_flags,
     add_sampler_flags,
     check_positive_flags,
     flag_message,
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true", help="Feed the prompt as is.")
     p.add_argument("--initial-canvas", help="Start the first canvas from this text (edit in place).")
     p.add_argument("--show-canvas", action="store_true", help="Show the canvas settling, live.")
+    add_image_flags(p)
     p.add_argument("--verbose", type=str2bool, default=True, help="Print statistics (true/false, default true).")
     add_sampler_flags(p)
     return p
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
         for last in stream_generate(
             model, tokenizer, prompt, args.max_tokens, drafts=view is not None and view.live, seed=args.seed,
             system_prompt=args.system_prompt, enable_thinking=args.think, chat_template=not args.ignore_chat_template,
-            initial_canvas=args.initial_canvas, prefill_step_size=args.prefill_step_size, **overrides,
+            initial_canvas=args.initial_canvas, prefill_step_size=args.prefill_step_size, images=args.image,
+            max_soft_tokens=args.max_soft_tokens, **overrides,
         ):
             if args.verbose and not started:
                 print("=" * 10)  # once the prompt has been accepted

@@ -28,9 +28,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 
 from .config import DEFAULT_PREFILL_STEP, SAMPLER_FLAGS
-from .diffusion import RandomSource, prefill, resolve_settings
+from .diffusion import RandomSource, prefill, prefill_chunks, resolve_settings
 from .reasoning import THOUGHT_CLOSE, THOUGHT_OPEN, ChannelSplitter, display_draft, split_reasoning
 from .text_generation import stream_generate
+from .vision.conversation import ConversationImages
 
 __all__ = ["ChatSession", "ChatChunk", "Reply"]
 
@@ -119,7 +120,9 @@ class ChatSession:
     `stability_threshold`, `confidence_threshold`, `sampler` "reference" or "fast", `fast_sampler` a
     FastSamplerConfig); unset ones come from the model's generation_config.json.
     `max_tokens` is the budget of one reply, reasoning included (default: the model's `max_new_tokens`, times
-    `THINKING_BUDGET_FACTOR` with thinking on). `seed` makes the whole conversation reproducible.
+    `THINKING_BUDGET_FACTOR` with thinking on). `seed` makes the whole conversation reproducible. A turn may carry
+    images (`send(text, images=[...])`, for a model with a vision tower); they stay in the history, and
+    `max_soft_tokens` sets their soft-token budget (default: the folder's processor config).
 
     One turn runs at a time, on any thread (a new worker per turn is fine; MLX gives each thread its own streams,
     so a worker thread should call `mx.clear_streams()` before it ends). `cancel()` may be called from any thread.
@@ -127,7 +130,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, system_prompt: str | None = None, think: bool = False, *,
                  max_tokens: int | None = None, seed: int | None = None,
-                 prefill_step_size: int = DEFAULT_PREFILL_STEP, history: list[dict] | None = None, **sampler):
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP, history: list[dict] | None = None,
+                 max_soft_tokens: int | None = None, **sampler):
         if tokenizer is None or not tokenizer.has_chat_template:
             raise ValueError("a chat needs a tokenizer with a chat template; this model folder has none")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
@@ -152,6 +156,8 @@ class ChatSession:
             if m.get("role") not in ("user", "assistant", "model") or not isinstance(m.get("content"), str):
                 raise ValueError(f"history entries need a user/assistant role and text content, got {m!r}")
             self._messages.append({"role": m["role"], "content": m["content"]})
+        self.max_soft_tokens = max_soft_tokens
+        self._images = ConversationImages(model, max_soft_tokens)
         self._cache = None
         self._cached: list[int] = []  # the ids the cache holds
         self._lock = threading.Lock()
@@ -213,10 +219,12 @@ class ChatSession:
     def running(self) -> bool:
         return self._running
 
-    def messages(self, text: str | None = None) -> list[dict]:
-        """The messages the chat template renders: system prompt, the turns so far, `text` as the next user turn."""
+    def messages(self, text: str | None = None, images: list[dict] | None = None) -> list[dict]:
+        """The messages the chat template renders: system prompt, the turns so far, `text` as the next user turn
+        (after its image parts, if any)."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        user = [{"role": "user", "content": text}] if text is not None else []
+        content = [*images, {"type": "text", "text": text}] if images else text
+        user = [{"role": "user", "content": content}] if text is not None else []
         return system + [dict(m) for m in self._messages] + user
 
     def render(self, text: str | None = None, add_generation_prompt: bool = True) -> list[int]:
@@ -225,9 +233,10 @@ class ChatSession:
         return self._render(self.messages(text), add_generation_prompt)
 
     def _render(self, messages, add_generation_prompt):
-        return self.tokenizer.apply_chat_template(
+        ids = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, enable_thinking=self.think
         )
+        return self._images.expand(ids, messages)  # image placeholders -> their soft tokens
 
     def reset(self):
         """Forget the conversation (system prompt and settings stay)."""
@@ -235,6 +244,7 @@ class ChatSession:
             if self._running:
                 raise RuntimeError("cannot reset while a reply is being generated; cancel() it first")
             self._messages = []
+            self._images.forget()
             self._cache, self._cached = None, []
 
     def cancel(self):
@@ -246,30 +256,31 @@ class ChatSession:
 
     # --- turns ---------------------------------------------------------------------------------------------
 
-    def send(self, text: str, on_draft: Callable[[str], None] | None = None) -> Reply:
-        """Send a user message and return the model's reply; `on_draft(text)` is called with the current canvas
-        after every denoising step."""
+    def send(self, text: str, on_draft: Callable[[str], None] | None = None, images: list | None = None) -> Reply:
+        """Send a user message (with `images`: paths, bytes, data: URLs or PIL images) and return the model's
+        reply; `on_draft(text)` is called with the current canvas after every denoising step."""
         reply = None
-        for chunk in self.stream(text, drafts=on_draft is not None):
+        for chunk in self.stream(text, drafts=on_draft is not None, images=images):
             if chunk.is_draft:
                 on_draft(chunk.draft)
             if chunk.reply is not None:
                 reply = chunk.reply
         return reply
 
-    def stream(self, text: str, drafts: bool = False) -> Iterator[ChatChunk]:
+    def stream(self, text: str, drafts: bool = False, images: list | None = None) -> Iterator[ChatChunk]:
         """Send a user message and stream the reply: committed reasoning/answer text a canvas at a time, drafts
         after every denoising step with `drafts=True`, and last a chunk carrying the `Reply`. Closing the
         iterator early abandons the turn (it is left out of the history)."""
         if not isinstance(text, str):
             raise TypeError(f"a message is text, got {type(text).__name__}")
+        parts = self._images.parts(images) if images else []  # read now: a bad image fails before the turn
         with self._lock:
             if self._running:
                 raise RuntimeError("a reply is already being generated in this session")
             self._running = True
             self._stop = threading.Event()
         try:
-            reply = yield from self._turn(text, drafts, self._stop)
+            reply = yield from self._turn(text, parts, drafts, self._stop)
         finally:
             # MLX evaluates a lazy array on the stream of the thread that built it: leave nothing lazy behind, so
             # the next turn may run on another thread (an app's worker).
@@ -280,19 +291,23 @@ class ChatSession:
                 self._running, self._stop = False, None
         yield ChatChunk(reply=reply)  # the turn is over: a new one may start while this is being read
 
-    def _encode(self, ids: list[int], stop: threading.Event):
-        for start in range(0, len(ids), self.prefill_step_size):
+    def _encode(self, prompt: list[int], start: int, end: int, images, stop: threading.Event):
+        """Encode `prompt[start:end]` in chunks (none cutting an image), checking for a cancel between them."""
+        images = None if images is None else images.columns(start, end)
+        ids = prompt[start:end]
+        for s, e in prefill_chunks(len(ids), self.prefill_step_size, images):
             if stop.is_set():
                 raise _Cancelled
-            chunk = ids[start:start + self.prefill_step_size]
-            prefill(self.model, mx.array([chunk]), self._cache, None, self.prefill_step_size)
-            self._cached.extend(chunk)
+            chunk_images = None if images is None else images.columns(s, e)
+            prefill(self.model, mx.array([ids[s:e]]), self._cache, None, e - s, chunk_images)
+            self._cached.extend(ids[s:e])
 
-    def _turn(self, text: str, drafts: bool, stop: threading.Event):
+    def _turn(self, text: str, parts: list[dict], drafts: bool, stop: threading.Event):
         """Yields the turn's chunks and returns its `Reply`."""
         settings = self.settings()
-        messages = self.messages(text)
+        messages = self.messages(text, parts)
         prompt = self._render(messages, True)
+        images = self._images.prompt_images(prompt, messages, settings.max_new_tokens)
         points = self._snapshot_points(messages, prompt)
         if self._cache is None:
             self._cache = self.model.make_cache()
@@ -301,7 +316,7 @@ class ChatSession:
             self._cache, self._cached = self.model.make_cache(), []
         reused = len(self._cached)
         snapshots = [(reused, _snapshot(self._cache))]
-        self._messages.append({"role": "user", "content": text})
+        self._messages.append(messages[-1])
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         kept, last, cancelled = [], None, False
@@ -309,7 +324,7 @@ class ChatSession:
         try:
             for point in [*points, len(prompt)]:
                 if point > len(self._cached):
-                    self._encode(prompt[len(self._cached):point], stop)
+                    self._encode(prompt, len(self._cached), point, images, stop)
                     snapshots.append((point, _snapshot(self._cache)))
             prompt_seconds = time.perf_counter() - t0
             prefill_peak = mx.get_peak_memory()

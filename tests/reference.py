@@ -128,16 +128,25 @@ SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "
 WORDS = ["user", "model", "system", "thought", "hello", "world", "the", "sky", "is", "blue", "why", "hi", "a", "b", "c"]
 
 
-def add_word_tokenizer(folder, vocab_size: int = 512):
-    """A whitespace word-level tokenizer with the Gemma 4 control tokens, so the built-in chat template applies."""
+IMAGE_TOKENS = {-12: "<|image>", -11: "<image|>", -10: "<|image|>"}  # at vocab_size + offset, as build_reference sets
+
+
+def add_word_tokenizer(folder, vocab_size: int = 512, image_tokens: bool = False):
+    """A whitespace word-level tokenizer with the Gemma 4 control tokens, so the built-in chat template applies;
+    with `image_tokens`, also the image markers at the ids `build_reference` gives them."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    words = WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIAL) - len(WORDS))]
-    vocab = {t: i for i, t in enumerate(SPECIAL + words)}
+    tokens = SPECIAL + WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIAL) - len(WORDS))]
+    special = list(SPECIAL)
+    if image_tokens:
+        for offset, token in IMAGE_TOKENS.items():
+            tokens[vocab_size + offset] = token
+            special.append(token)
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.save(str(Path(folder) / "tokenizer.json"))
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+from ..config import IMAGE_SOFT_TOKEN_BUDGETS as SOFT_TOKEN_BUDGETS
 
 
 class ImageError(ValueError):
