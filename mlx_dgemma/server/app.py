@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import mlx.core as mx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -111,7 +112,9 @@ async def health(request, state):
     body = {"status": "ok" if alive else "error", "model": state.model_name,
             "thinking_default": state.context.think, "context_length": state.context.context_length,
             "canvas_length": state.context.canvas_length, **state.scheduler.load(),
-            "prompt_cache_entries": len(state.scheduler.prompt_cache)}
+            "prompt_cache_entries": len(state.scheduler.prompt_cache),
+            "memory_gb": {"active": mx.get_active_memory() / 1e9, "peak": mx.get_peak_memory() / 1e9,
+                          "cache": mx.get_cache_memory() / 1e9}}
     return JSONResponse(body, status_code=200 if alive else 503)
 
 

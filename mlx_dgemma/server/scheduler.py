@@ -117,6 +117,7 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlx_dgemma-scheduler", daemon=True)
         self.canvases_run = 0
+        self.steps_run = 0  # denoising steps (one decoder pass over the whole batch each)
         self.largest_batch = 0
 
     # --- the HTTP side ---------------------------------------------------------------------------------------
@@ -137,7 +138,8 @@ class Scheduler:
     def load(self) -> dict:
         with self._cv:
             return {"running": self._active, "queued": len(self._queue), "max_concurrency": self.max_concurrency,
-                    "max_queue": self.max_queue}
+                    "max_queue": self.max_queue, "canvases_run": self.canvases_run, "steps_run": self.steps_run,
+                    "largest_batch": self.largest_batch}
 
     def settings_for(self, request: GenerationRequest):
         """The request's sampler settings (raises RequestError for a bad value)."""
@@ -279,6 +281,7 @@ class Scheduler:
             except StopIteration as end:
                 argmax = end.value[0]
                 break
+            self.steps_run += 1
             for i, job in enumerate(jobs):
                 job.steps += 1
                 if drafts and job.request.drafts and draft is not None:
