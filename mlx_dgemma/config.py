@@ -178,9 +178,12 @@ class FastSamplerConfig:
     `top_k`: statistics (entropy, argmax, sample) over the K most likely tokens plus a tail bound, instead of the
     whole vocabulary (None: the whole vocabulary). `gathered_sc`: self-conditioning from the top-K embedding
     rows instead of the vocabulary-sized product (needs `top_k`). `freeze`: accepted positions are committed for
-    good (not re-noised, not re-decided); the canvas is done when every position is. `compact`: only positions
-    that are not committed (plus each just-committed one once more, so its keys/values see its token) run
-    through the decoder; the others' keys/values are reused (needs `freeze`). `eos_cut`: positions after a
+    good (not re-noised, not re-decided); the canvas is done when every position is. `confirm`: a position is
+    committed only when accepted in two consecutive steps, the second time with the token it was given as its
+    argmax (so its keys/values already see that token); without it, at its first acceptance (needs `freeze`).
+    `compact`: only positions not committed (without `confirm`, plus each just-committed one once more, so its
+    keys/values see its token) run through the decoder; the others' keys/values are reused (needs `freeze`).
+    `eos_cut`: positions after a
     committed end-of-generation id are committed as pad and never computed again (needs `freeze`).
     `argmax_commit`: accepted positions take the argmax rather than the sample. `step_cap`: at most this many
     steps per canvas (the temperature schedule compresses to it), then every open position takes its argmax;
@@ -190,6 +193,7 @@ class FastSamplerConfig:
     top_k: int | None = 64
     gathered_sc: bool = True
     freeze: bool = True
+    confirm: bool = True
     compact: bool = True
     eos_cut: bool = True
     argmax_commit: bool = False
@@ -204,7 +208,7 @@ class FastSamplerConfig:
             bad("top_k", "must be a positive integer or null")
         if self.gathered_sc and self.top_k is None:
             bad("gathered_sc", "needs top_k")
-        for name in ("compact", "eos_cut"):
+        for name in ("confirm", "compact", "eos_cut"):
             if getattr(self, name) and not self.freeze:
                 bad(name, "needs freeze")
         if self.step_cap is not None and (not isinstance(self.step_cap, int) or self.step_cap <= 0):

@@ -72,7 +72,9 @@ def fast_canvas(
 
     tokens, argmax = canvas.astype(mx.int32), canvas.astype(mx.int32)
     frozen = mx.broadcast_to(finished[:, None], (B, C))  # committed positions (all of an ended row)
+    closed = frozen  # not computed: committed, or after an end-of-generation id held (with `eos_cut`)
     fresh = mx.zeros((B, C), dtype=mx.bool_)  # committed last step: computed once more, for their keys/values
+    pending = mx.zeros((B, C), dtype=mx.bool_)  # accepted last step, not yet committed (with `confirm`)
     flushed = mx.zeros((B, C), dtype=mx.bool_)  # committed by the step cap (what the repair pass revisits)
     entropies = mx.zeros((B, C), dtype=mx.float32)
     done = finished
@@ -87,7 +89,7 @@ def fast_canvas(
             positions, valid = every, mx.broadcast_to(~done[:, None], (B, C))
             buffers = [(None, None)] * len(model.layers)
         else:
-            need = flushed if repairing else (~frozen | fresh) & ~done[:, None]
+            need = flushed if repairing else (~closed | fresh) & ~done[:, None]
             positions, valid = needed_positions(need, size)
         work.passes = work.passes + (~done).astype(mx.int32)
         work.visits = work.visits + valid.sum(axis=1).astype(mx.int32)
@@ -101,28 +103,40 @@ def fast_canvas(
             argmax = tokens
             done = mx.ones((B,), dtype=mx.bool_)
         elif fast.freeze:
-            live = take_rows(~frozen, positions) & valid
+            live = take_rows(~closed, positions) & valid
             accept = entropy_bound_accept(mx.where(live, ent, mx.inf), settings.entropy_bound) & live
             commit = new_argmax if fast.argmax_commit else sample
+            commits = accept
+            if fast.confirm:  # accepted again, and the argmax is the token it holds: keep that token for good
+                given = take_rows(tokens, positions)
+                commits = accept & take_rows(pending, positions) & (new_argmax == given)
+                commit = mx.where(commits, given, commit)
+                pending = scatter_rows(pending, positions, valid & live, accept & ~commits)
             noise = rng.noise(positions.shape, V)
             tokens = scatter_rows(tokens, positions, valid & live, mx.where(accept, commit, noise))
-            frozen = scatter_rows(frozen, positions, valid & live, accept)
-            fresh = scatter_rows(mx.zeros((B, C), dtype=mx.bool_), positions, valid, accept) if fast.compact else fresh
+            frozen = scatter_rows(frozen, positions, valid & live, commits)
+            if fast.compact and not fast.confirm:  # committed with a token its keys/values have not seen yet
+                fresh = scatter_rows(mx.zeros((B, C), dtype=mx.bool_), positions, valid, commits)
             argmax = scatter_rows(argmax, positions, valid & live, new_argmax)
             entropies = scatter_rows(entropies, positions, valid & live, ent)
             # The reference's stop rule over the whole canvas (committed positions count with the entropy they
             # were committed at); a row that meets it, or the step cap, commits its open positions' argmax.
-            is_stable, history = stable(history, mx.where(frozen, tokens, argmax))
+            is_stable, history = stable(history, mx.where(closed, tokens, argmax))
             settle = ((is_stable & confident(entropies, settings.confidence_threshold)) | last) & ~done
-            settling = ~frozen & settle[:, None]
+            settling = ~closed & settle[:, None]
             flushed = flushed | (settling if last else False)
             tokens, frozen = mx.where(settling, argmax, tokens), frozen | settling
+            closed = frozen
             if fast.eos_cut and settings.eos_token_ids:
-                is_eos = frozen & (tokens[..., None] == eos).any(axis=-1)
-                cut = every > mx.min(mx.where(is_eos, every, C), axis=1, keepdims=True)
-                tokens = mx.where(cut, fill, tokens) if fill is not None else tokens
-                frozen, fresh, entropies = frozen | cut, fresh & ~cut, mx.where(cut, 0.0, entropies)
-            argmax = mx.where(frozen, tokens, argmax)
+                # Positions after an end-of-generation id that is committed, or accepted and awaiting its
+                # confirmation, are not computed; if that id is not confirmed they open again.
+                held = (frozen | pending) & (tokens[..., None] == eos).any(axis=-1)
+                cut = every > mx.min(mx.where(held, every, C), axis=1, keepdims=True)
+                closed, fresh = frozen | cut, fresh & ~cut
+                ended = mx.all(closed, axis=1, keepdims=True) & cut
+                tokens = mx.where(ended, fill, tokens) if fill is not None else tokens
+                frozen = frozen | ended
+            argmax = mx.where(closed, tokens, argmax)
             done = done | mx.all(frozen, axis=1)
         else:  # the reference's rules, with the configured statistics
             accept = entropy_bound_accept(ent, settings.entropy_bound)
@@ -137,9 +151,9 @@ def fast_canvas(
         soft = scatter_rows(soft if soft is not None else mx.zeros((*tokens.shape, new_soft.shape[-1]), new_soft.dtype),
                             positions, valid, new_soft)
         all_done = mx.all(done)
-        count = ((flushed if fast.repair and last else (~frozen | fresh) & ~done[:, None]).sum(axis=1).max()
+        count = ((flushed if fast.repair and last else (~closed | fresh) & ~done[:, None]).sum(axis=1).max()
                  if compacting else mx.array(C))
-        state = [tokens, argmax, frozen, fresh, flushed, entropies, soft, done, work.passes, work.visits,
+        state = [tokens, argmax, frozen, closed, fresh, pending, flushed, entropies, soft, done, work.passes, work.visits,
                  *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
         host = _step_sync(state, [all_done, count, *([argmax] if drafts else [])])
         yield steps, (host[2] if drafts else None)

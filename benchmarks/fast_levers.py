@@ -1,0 +1,132 @@
+"""The fast sampler's levers one at a time, on a trained model: accuracy and work per task.
+
+    python benchmarks/fast_levers.py                       # the bundled demo model, 300 held-out problems per task
+    python benchmarks/fast_levers.py --levers default,freeze --per-task 100 --json out.json
+
+Every row answers the same held-out problems (`examples/demo_tasks.py`, never trained on) with the same seed:
+the reference sampler first, then the fast sampler under one `FastSamplerConfig` per row (`LEVERS`). Printed per
+task: exact-match accuracy (and its difference to the reference sampler, in points), tokens per forward,
+denoising steps per canvas and decoder position visits per emitted token (the reference sampler computes every
+canvas position at every step; autoregressive decoding is 1). The quality gate of issue 9 is
+`benchmarks/fast_quality.py`; this script is how each lever's share was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
+
+import demo_tasks  # noqa: E402
+
+from benchmarks.demo_accuracy import held_out, strip  # noqa: E402
+
+OFF = dict(top_k=None, gathered_sc=False, freeze=False, confirm=False, compact=False, eos_cut=False)
+
+#: name -> FastSamplerConfig fields (None: the reference sampler). Each lever alone on top of the reference's
+#: rules, then the monotone-commit family built up one lever at a time, then the shipped default and variants.
+LEVERS = {
+    "reference": None,
+    "top_k=8": dict(OFF, top_k=8),
+    "top_k=8+gathered_sc": dict(OFF, top_k=8, gathered_sc=True),
+    "argmax_commit": dict(OFF, argmax_commit=True),
+    "freeze": dict(OFF, freeze=True),
+    "freeze+confirm": dict(OFF, freeze=True, confirm=True),
+    "freeze+confirm+compact": dict(OFF, freeze=True, confirm=True, compact=True),
+    "freeze+compact": dict(OFF, freeze=True, compact=True),
+    "freeze+compact+eos_cut": dict(OFF, freeze=True, compact=True, eos_cut=True),
+    "default": {},
+    "default,top_k=8": dict(top_k=8),
+    "default+step_cap=8": dict(step_cap=8),
+    "default+step_cap=8+repair": dict(step_cap=8, repair=True),
+}
+
+
+def run(model, prompts, levers, batch_size, seed):
+    from mlx_dgemma.config import FastSamplerConfig
+    from mlx_dgemma.diffusion import DiffusionStats, generate_tokens
+
+    outputs, rows = [], []
+    for b in range(0, len(prompts), batch_size):
+        stats = DiffusionStats()
+        kw = {} if levers is None else dict(sampler="fast", fast_sampler=FastSamplerConfig(**levers))
+        out = generate_tokens(model, prompts[b : b + batch_size], seed=seed + b, stats=stats, **kw)
+        outputs += out
+        for i, o in enumerate(out):
+            rows.append(dict(tpf=float(stats.tokens_per_forward[i]), visits=int(stats.position_visits[i]),
+                             passes=int(stats.passes[i]), tokens=len(o)))
+    return outputs, rows
+
+
+def summarize(problems, outputs, rows, tokenizer, stop):
+    per = {}
+    for p, ids, r in zip(problems, outputs, rows):
+        t = demo_tasks.task_of(p["prompt"])
+        d = per.setdefault(t, dict(right=0, n=0, tpf=0.0, visits=0, tokens=0, passes=0))
+        d["right"] += demo_tasks.check(p["prompt"], tokenizer.decode(strip(ids, stop)))
+        d["n"] += 1
+        d["tpf"] += r["tpf"]
+        d["visits"] += r["visits"]
+        d["tokens"] += r["tokens"]
+        d["passes"] += r["passes"]
+    return {t: dict(accuracy=d["right"] / d["n"], tpf=d["tpf"] / d["n"], passes=d["passes"] / d["n"],
+                    visits_per_token=d["visits"] / max(d["tokens"], 1)) for t, d in per.items()}
+
+
+def table(results: dict) -> str:
+    ref = results.get("reference")
+    lines = ["| levers | " + " | ".join(f"{t}: acc (diff) / tok/fwd / passes / visits/tok" for t in demo_tasks.TASKS)
+             + " |", "|---|" + "---:|" * len(demo_tasks.TASKS)]
+    for name, r in results.items():
+        cells = []
+        for t in demo_tasks.TASKS:
+            x = r["tasks"][t]
+            diff = f" ({100 * (x['accuracy'] - ref['tasks'][t]['accuracy']):+.1f})" if ref and name != "reference" else ""
+            cells.append(f"{100 * x['accuracy']:.1f}%{diff} / {x['tpf']:.2f} / {x['passes']:.1f} / "
+                         f"{x['visits_per_token']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="An MLX model folder trained on the demo tasks. Default: the bundled demo model.")
+    p.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated names of {list(LEVERS)}")
+    p.add_argument("--per-task", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="Also write the raw numbers here.")
+    a = p.parse_args(argv)
+    import mlx_dgemma
+    from mlx_dgemma import demo
+
+    names = [n for n in a.levers.split(",") if n]
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        p.error(f"--levers: unknown {unknown} (known: {list(LEVERS)})")
+    model, tokenizer = mlx_dgemma.load(a.model or demo.FOLDER)
+    problems = held_out(a.per_task, a.seed)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in problems]
+    settings = model.sampler_defaults
+    stop = set(settings.eos_token_ids) | {settings.pad_token_id}
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        outputs, rows = run(model, prompts, LEVERS[name], a.batch_size, a.seed)
+        results[name] = dict(levers=LEVERS[name], seconds=time.perf_counter() - start,
+                             tasks=summarize(problems, outputs, rows, tokenizer, stop))
+        print(f"[{name}] {results[name]['seconds']:.0f} s", file=sys.stderr)
+    print(table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(per_task=a.per_task, seed=a.seed, results=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
