@@ -1,6 +1,6 @@
 """mlx_dgemma beside its peers on the bench checkpoint, in one run: ms per denoising step, generation, memory.
 
-    python benchmarks/generate.py [--checkpoint DIR] [--repeats N] [--peers reference,mlxvlm,mlxlm_ar]
+    python benchmarks/generate.py [--checkpoint DIR] [--repeats N] [--peers reference,mlxvlm,mlxlm_ar] [--trace F]
 
 The bench checkpoint has the released model's proportions at a size this machine can time (vocabulary 262,144,
 canvas 256, 5 sliding : 1 full layers, 32 experts top-8, hidden 1024; built with the reference on first use).
@@ -10,7 +10,10 @@ float32 weights and settings:
 * step: one decoder pass (self-conditioning, the layers over the canvas against the cached prompt, head, soft-cap);
 * generation: prompt encoding plus one canvas of 256 tokens at a fixed 16 denoising steps (adaptive stopping
   off), sampler included; reported per step and as tokens per second;
-* the autoregressive baseline (mlx-lm's gemma4_text with the same backbone) in tokens per second.
+* the autoregressive baseline (mlx-lm's gemma4_text with the same backbone) in tokens per second;
+* the fast sampler (`sampler="fast"`, `benchmarks/fast_speed.py`): one step at 256/128/64/32/16 live positions
+  against the FLOP floor at the GEMM rate the process measured, and, with `--trace`, the per-step live-position
+  counts it recorded on a trained canvas-256 model replayed end to end (tokens per second).
 
 It prints a table and the ratios (how many times faster mlx_dgemma is) and writes the raw JSON next to it.
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, peers  # noqa: E402
+from benchmarks import common, fast_speed, peers  # noqa: E402
 
 STEPS = 16
 
@@ -92,10 +95,15 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="bench checkpoint folder (built on first use)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--peers", default="reference,mlxvlm,mlxlm_ar")
+    p.add_argument("--trace", help="per-step shapes the fast sampler recorded on a trained canvas-256 model "
+                                   "(`benchmarks/fast_speed.py record`), replayed on the bench checkpoint")
     p.add_argument("--out", default=str(common.REPO_ROOT / ".cache" / "bench-generate.json"))
     a = p.parse_args(argv)
     checkpoint = common.ensure_bench_checkpoint(a.checkpoint)
     results = {"mlx_dgemma": run_ours(checkpoint, repeats=a.repeats)}
+    results["fast"] = common.run_in_subprocess(
+        "benchmarks.fast_speed:fast_worker", dict(checkpoint=str(checkpoint), trace=a.trace, repeats=max(a.repeats, 3)),
+        python=common.MAIN_PYTHON, preload_openblas=True, timeout=3600, echo=True)
     for name in [n for n in a.peers.split(",") if n]:
         try:
             results[name] = peers.run_peer(name, checkpoint, repeats=a.repeats)
@@ -109,7 +117,7 @@ def main(argv=None):
     print(f"mlx_dgemma's process: {ours.get('gemm')}")
     print(f"{'':14s}{'decoder step':>14s}{'gen. per step':>15s}{'gen. tok/s':>12s}{'peak RSS':>10s}")
     for name, r in results.items():
-        if name == "mlxlm_ar":
+        if name in ("mlxlm_ar", "fast"):
             continue
         step = (r.get("step_ms") or {}).get("median")
         gen = (r.get("generate_ms") or {}).get("median")
@@ -129,6 +137,47 @@ def main(argv=None):
         print(f"  vs mlxlm_ar  a step costs {step_s * ar:.0f} autoregressive tokens; diffusion wins above that many "
               f"tokens per step (here 16 steps commit 256 tokens: {256 / (ours['generate_ms']['median'] / 1000):.1f} "
               f"tok/s vs {ar:.1f})")
+
+    print_fast(results, checkpoint)
+
+
+def print_fast(results: dict, checkpoint):
+    """The fast sampler's rows: a step by live positions against the FLOP floor, and the replayed workload."""
+    from mlx_dgemma.config import ModelArgs
+
+    fast, ours = results["fast"], results["mlx_dgemma"]
+    args = ModelArgs.from_file(Path(checkpoint) / "config.json")
+    gemm = fast["gemm_gflops"]
+    print(f"\nfast sampler (top-64 statistics, gathered self-conditioning, live positions only), GEMM rate "
+          f"{gemm:.1f} GFLOP/s float32; floor = FLOPs per step / GEMM rate")
+    print(f"{'live positions':>16s}{'ms/step':>10s}{'CPU ms':>9s}{'GFLOP':>8s}{'floor ms':>10s}{'x floor':>9s}")
+    for live, t in fast["step_ms_by_live"].items():
+        flops = fast_speed.step_flops(args, int(live), 64, 64)
+        floor = flops / (gemm * 1e9) * 1e3
+        cpu = (fast.get("step_cpu_ms_by_live") or {}).get(live, {}).get("median") or 0
+        print(f"{live:>16s}{t['median']:10.0f}{cpu:9.0f}{flops / 1e9:8.1f}{floor:10.0f}{t['median'] / floor:9.2f}")
+    ref_flops = fast_speed.step_flops(args, args.canvas_length, 64, args.vocab_size)
+    ref_floor = ref_flops / (gemm * 1e9) * 1e3
+    ref_cpu = (ours.get("generate_cpu_ms") or {}).get("median", 0) / STEPS
+    print(f"{'reference, 256':>16s}{per_step(ours):10.0f}{ref_cpu:9.0f}{ref_flops / 1e9:8.1f}{ref_floor:10.0f}"
+          f"{per_step(ours) / ref_floor:9.2f}   (a step of the 16-step generation, sampler included)")
+    replay = fast.get("replay")
+    if not replay:
+        print("(no --trace: no replayed workload)")
+        return
+    ref_s = replay["reference_steps"] * per_step(ours) / 1e3
+    ref_tps = replay["reference_tokens"] / ref_s if ref_s else 0.0
+    print(f"\nreplayed workload ({replay['source']}: {replay['generations']} generations, {replay['tokens']} tokens, "
+          f"{replay['steps']} fast steps; random weights never converge, so the bench checkpoint replays the "
+          f"per-step live-position counts the fast sampler recorded on the trained model)")
+    print(f"  fast sampler       {replay['tok_s']:8.1f} tok/s   {replay['visits_per_token']:6.1f} visits/token")
+    print(f"  reference sampler  {ref_tps:8.1f} tok/s   {replay['reference_visits_per_token']:6.1f} visits/token   "
+          f"(its recorded {replay['reference_steps']} steps x the measured {per_step(ours):.0f} ms/step)")
+    if "mlxlm_ar" in results:
+        ar = results["mlxlm_ar"]["decode_tok_s"]
+        print(f"  mlx-lm autoregressive {ar:5.1f} tok/s   1.0 visits/token")
+        print(f"  fast / autoregressive {replay['tok_s'] / ar:.2f}x; fast / reference sampler "
+              f"{replay['tok_s'] / ref_tps if ref_tps else 0:.2f}x")
 
 
 if __name__ == "__main__":

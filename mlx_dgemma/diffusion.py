@@ -94,6 +94,7 @@ class DiffusionStats:
     passes: np.ndarray | None = None  # decoder passes per row (rows that stopped early do not count)
     tokens_per_forward: np.ndarray | None = None  # per row: non-pad canvas tokens / decoder passes
     position_visits: np.ndarray | None = None  # per row: decoder positions computed, all steps and canvases
+    step_shapes: list[int] | None = None  # the fast sampler: positions each step ran through the decoder
     steps: int = 0  # denoising steps run, all canvases
     canvases: int = 0
 
@@ -288,6 +289,7 @@ def diffuse(
         )
         stats.passes = np.array(work.passes, dtype=np.int64)
         stats.position_visits = np.array(work.visits, dtype=np.int64)
+        stats.step_shapes = list(work.shapes) if settings.sampler == "fast" else None
         committed.append(tokens)
         stats.tokens_per_forward = tokens_per_forward(np.concatenate(committed, axis=1), stats.passes, settings.pad_token_id)
         yield Canvas(index, tokens, finished.copy(), steps)

@@ -13,7 +13,7 @@ positions the next step must compute (its shape bucket), plus the draft canvas w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -26,16 +26,26 @@ from .sampler import canvas_statistics, confident, entropy_bound_accept, stable,
 
 @dataclass
 class StepWork:
-    """Per-row decoder work, accumulated lazily over steps and canvases: passes and positions computed."""
+    """Per-row decoder work, accumulated lazily over steps and canvases: passes and positions computed; and
+    the number of positions each step ran through the decoder (its shape, a bucket; known on the host)."""
 
     passes: mx.array
     visits: mx.array
+    shapes: list = field(default_factory=list)
 
 
 def _step_sync(arrays, reads):
     """The one evaluation and the one host read of a denoising step."""
     mx.eval(*arrays, *reads)
     return [a.tolist() for a in reads]
+
+
+def step_outputs(model, cache, tokens, positions, buffers, soft, temp, uniforms, fast):
+    """One step's decoder pass over `positions` and what the sampler reads from it: (entropy, argmax, sample,
+    soft embedding) for those positions, and the updated key/value buffers."""
+    logits, buffers = denoise_positions(model, take_rows(tokens, positions), positions, cache, buffers,
+                                        None if soft is None else take_rows(soft, positions))
+    return (*_statistics(model, logits, temp, uniforms, fast), buffers)
 
 
 def _statistics(model, logits, temp, uniforms, fast):
@@ -94,9 +104,9 @@ def fast_canvas(
         work.passes = work.passes + (~done).astype(mx.int32)
         work.visits = work.visits + valid.sum(axis=1).astype(mx.int32)
         temp = mx.array(temperature(max(n - steps, 1), n, settings.t_min, settings.t_max), dtype=mx.float32)
-        logits, buffers = denoise_positions(model, take_rows(tokens, positions), positions, cache, buffers,
-                                            None if soft is None else take_rows(soft, positions))
-        ent, new_argmax, sample, new_soft = _statistics(model, logits, temp, rng.uniforms(positions.shape), fast)
+        ent, new_argmax, sample, new_soft, buffers = step_outputs(model, cache, tokens, positions, buffers, soft, temp,
+                                                                  rng.uniforms(positions.shape), fast)
+        work.shapes.append(positions.shape[1])
         steps += 1
         if repairing:
             tokens = scatter_rows(tokens, positions, valid, new_argmax)
