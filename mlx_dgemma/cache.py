@@ -89,6 +89,16 @@ class Cache:
         arrays = [a for layer in self.layers for a in layer.state() if a is not None]
         return arrays + ([self.token_mask] if self.token_mask is not None else [])
 
+    def snapshot(self):
+        """The cache's state, by reference: its arrays are replaced, never modified, when it grows."""
+        return self.offset, self.token_mask, [(layer.keys, layer.values) for layer in self.layers]
+
+    def restore(self, snapshot):
+        """Go back to a `snapshot()` of this cache."""
+        self.offset, self.token_mask, layers = snapshot
+        for layer, (keys, values) in zip(self.layers, layers):
+            layer.keys, layer.values = keys, values
+
     # --- masks -------------------------------------------------------------------------------------------------
 
     def encoder_mask(self, layer_type: str, length: int, cached: int):

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING
 from .cli import (
     SAMPLER_FLAGS,
     Parser,
+    add_distributed_flags,
     add_image_flags,
     add_sampler_flags,
     check_positive_flags,
     flag_message,
     load_for_cli,
+    lost_rank_message,
 )
 
 if TYPE_CHECKING:
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Show the canvas denoising live (default: on in a terminal).")
     add_image_flags(p)
     add_sampler_flags(p)
+    add_distributed_flags(p)
     return p
 
 
@@ -208,7 +211,7 @@ def main(argv=None) -> int:
         from .session import ChatSession
 
         check_positive_flags(args)
-        model, tokenizer = load_for_cli(args.model, args.adapter_path)
+        model, tokenizer = load_for_cli(args.model, args.adapter_path, args)
         session = ChatSession(
             model, tokenizer, args.system_prompt, args.think, max_tokens=args.max_tokens, seed=args.seed,
             prefill_step_size=args.prefill_step_size, max_soft_tokens=args.max_soft_tokens,
@@ -217,6 +220,11 @@ def main(argv=None) -> int:
         return Repl(session, canvas=args.canvas, images=args.image).run()
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if lost_rank_message(e) is None:
+            raise
+        print(f"error: {lost_rank_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -52,17 +52,56 @@ def add_image_flags(p: argparse.ArgumentParser):
                    help="Soft tokens per image at most (default: the model folder's processor config, 280).")
 
 
-def load_for_cli(model_path: str | None, adapter_path: str | None = None):
-    """The model named on the command line, or the bundled demo model (with a hint about the real one)."""
+def add_distributed_flags(p: argparse.ArgumentParser):
+    """Several machines (or processes): start the command with `mlx.launch`, as mlx-lm's are started."""
+    g = p.add_argument_group("several machines (start the command with mlx.launch)")
+    g.add_argument("--pipeline", action="store_true", help="Split the layers across the ranks (pools memory).")
+    g.add_argument("--experts-parallel", action="store_true",
+                   help="Give each rank 1/N of every layer's experts (works quantized; one all_sum per layer).")
+    g.add_argument("--pipeline-split", help="With --pipeline: layers per rank in proportion, e.g. 2,1 for a Mac "
+                   "with twice the memory as rank 0 (default: even).")
+
+
+def parallel_mode(args) -> str | None:
+    """'pipeline', 'experts' or None, from the distributed flags (absent flags: None)."""
+    pipeline, experts = getattr(args, "pipeline", False), getattr(args, "experts_parallel", False)
+    if pipeline and experts:
+        raise ValueError("--pipeline and --experts-parallel exclude each other: choose one")
+    if getattr(args, "pipeline_split", None) and not pipeline:
+        raise ValueError("--pipeline-split needs --pipeline")
+    if (pipeline or experts) and getattr(args, "adapter_path", None):
+        raise ValueError("--adapter-path is not supported with --pipeline or --experts-parallel yet")
+    return "pipeline" if pipeline else "experts" if experts else None
+
+
+def load_for_cli(model_path: str | None, adapter_path: str | None = None, args=None):
+    """The model named on the command line, or the bundled demo model (with a hint about the real one).
+
+    With --pipeline/--experts-parallel (in `args`) under mlx.launch, only rank 0 returns; the other ranks serve it
+    and then exit."""
     from . import demo
     from .loading import load
 
+    mode = parallel_mode(args) if args is not None else None
     if model_path is None:
         if not demo.available():
             raise ValueError("no --model given and the bundled demo model is missing from this install")
         print(demo.RELEASED_MODEL_HINT, file=sys.stderr)
         model_path = str(demo.FOLDER)
+    if mode is not None:
+        from .distributed import load_distributed, parse_split
+
+        return load_distributed(model_path, mode, parse_split(args.pipeline_split))
     return load(model_path, adapter_path=adapter_path)
+
+
+def lost_rank_message(error: BaseException) -> str | None:
+    """What to tell the user when another rank of a distributed run went away; None for any other error."""
+    from .distributed import peer_lost
+
+    if peer_lost(error):
+        return f"another rank left the run ({error}); start every rank again"
+    return None
 
 
 def check_positive_flags(args):

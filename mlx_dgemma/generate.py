@@ -15,11 +15,13 @@ import types
 from .cli import (
     SAMPLER_FLAGS,
     Parser,
+    add_distributed_flags,
     add_image_flags,
     add_sampler_flags,
     check_positive_flags,
     flag_message,
     load_for_cli,
+    lost_rank_message,
     str2bool,
 )
 
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_flags(p)
     p.add_argument("--verbose", type=str2bool, default=True, help="Print statistics (true/false, default true).")
     add_sampler_flags(p)
+    add_distributed_flags(p)
     return p
 
 
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_positive_flags(args)
-        model, tokenizer = load_for_cli(args.model, args.adapter_path)
+        model, tokenizer = load_for_cli(args.model, args.adapter_path, args)
         prompt = args.prompt
         if prompt == "-":
             prompt = sys.stdin.read()
@@ -89,6 +92,11 @@ def main(argv=None) -> int:
         return 0
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if lost_rank_message(e) is None:
+            raise
+        print(f"error: {lost_rank_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

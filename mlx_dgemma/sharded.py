@@ -1,0 +1,321 @@
+"""One rank's part of the model, for several processes under MLX's own distributed backend (`mx.distributed`).
+
+Loading a rank's part and starting a run are in `distributed.py`.
+
+Two ways to share the work (`--pipeline` or `--experts-parallel` on any command line):
+
+* pipeline: rank r owns a consecutive range of layers (rank 0 the first, plus the embedding, the self-conditioning
+  block, the final norm and the tied head). The hidden states go 0 -> 1 -> ... -> N-1 with `send`/`recv`, and
+  come back to rank 0 with one `all_sum` (the others add zeros), which also orders the return after the send.
+* experts: every rank holds attention, dense MLP, router and norms of every layer and 1/N of each layer's experts
+  (any quantization: the expert axis is never a quantized one). Each rank weighs only its own experts' top-k slots;
+  one `all_sum` per layer adds the ranks' routed outputs before the norm that follows them.
+
+One sampler, one truth: rank 0 alone runs the caller's code (the diffusion loop, chat, a server) and owns the random
+stream. The other ranks only serve: before every encoder or decoder pass rank 0 broadcasts a header (what to run,
+the shapes, which cached state to run on) and the padding mask, so no rank ever decides anything by itself and none
+can diverge. MLX has no broadcast: an `all_sum` to which the others contribute zeros stands in for one.
+
+A worker mirrors rank 0's caches by version: every encode on rank 0 makes a new version, held by a small handle in
+rank 0's cache (so chat's snapshots and roll-backs carry it like any cache array); a worker keeps each version's
+arrays until rank 0 drops the last reference to its handle.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from dataclasses import replace
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import Cache, LayerCache
+from .config import ModelArgs
+from .model import Experts, Model
+
+MODES = ("pipeline", "experts")
+ENCODE, DENOISE, STOP = 1, 2, 3
+HEADER = 8  # op, batch, length, has_mask, base version, new version, dead versions, spare
+
+
+class DistributedError(ValueError):
+    """The ranks cannot run this model together (world size, split, a rank's folder, a rank that left)."""
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether an error is MLX's ring backend reporting that another rank went away."""
+    return isinstance(error, RuntimeError) and "[ring]" in str(error)
+
+
+# --- how the model is split ----------------------------------------------------------------------------------------
+
+
+def split_layers(n_layers: int, size: int, weights: list[float] | None = None) -> list[range]:
+    """Consecutive layer ranges, rank 0 first: even by default, else in proportion to `weights` (one per rank,
+    e.g. a Mac's memory), every rank getting at least one layer."""
+    if size > n_layers:
+        raise DistributedError(f"{size} ranks cannot share {n_layers} layers in a pipeline (at most one rank per layer)")
+    weights = [1.0] * size if weights is None else [float(w) for w in weights]
+    if len(weights) != size:
+        raise DistributedError(f"--pipeline-split has {len(weights)} entries for {size} ranks")
+    if any(w <= 0 for w in weights):
+        raise DistributedError(f"--pipeline-split entries must be positive, got {weights}")
+    share = [w / sum(weights) * n_layers for w in weights]
+    counts = [max(1, int(s)) for s in share]
+    while sum(counts) < n_layers:  # largest remainder first
+        counts[max(range(size), key=lambda r: share[r] - counts[r])] += 1
+    while sum(counts) > n_layers:
+        counts[max((r for r in range(size) if counts[r] > 1), key=lambda r: counts[r] - share[r])] -= 1
+    starts = [sum(counts[:r]) for r in range(size)]
+    return [range(s, s + c) for s, c in zip(starts, counts)]
+
+
+def expert_range(num_experts: int, rank: int, size: int) -> range:
+    if num_experts % size:
+        raise DistributedError(f"{num_experts} experts per layer do not divide among {size} ranks (--experts-parallel)")
+    per = num_experts // size
+    return range(rank * per, (rank + 1) * per)
+
+
+def parse_split(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise DistributedError(f"--pipeline-split {text!r}: expected comma-separated numbers, e.g. 2,1") from None
+
+
+# --- the pieces each mode adds to the model ------------------------------------------------------------------------
+
+
+class ShardedExperts(Experts):
+    """This rank's experts `[first, first + count)` of one layer; other experts' slots weigh zero here, and one
+    `all_sum` adds every rank's share (before `post_feedforward_layernorm_2`, which needs the whole sum)."""
+
+    def __init__(self, args: ModelArgs, first: int, count: int, group):
+        super().__init__(replace(args, num_experts=count))
+        self.first, self.group = first, group
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        local = (idx >= self.first) & (idx < self.first + self.num_experts)
+        out = super().__call__(x, mx.where(local, idx - self.first, 0), mx.where(local, weights, 0))
+        return mx.distributed.all_sum(out, group=self.group)
+
+
+def _check_announced(announced):
+    # A pass that reaches the other ranks without being announced (a loop that drives `model.layers` itself, as
+    # the fast sampler's compacted decoder does) would leave them waiting for a header that never comes.
+    if not announced.on:
+        raise DistributedError("this decoding path is not supported with --pipeline or --experts-parallel yet "
+                               "(use the reference sampler)")
+
+
+class _Broadcast(nn.Module):
+    """Experts mode, rank 0: the first layer, after handing its input to every rank."""
+
+    def __init__(self, layer, group, dtype, announced):
+        super().__init__()
+        self.layer, self.group, self.layer_type, self.dtype = layer, group, layer.layer_type, dtype
+        self.announced = announced
+
+    def __call__(self, h, *args, **kwargs):
+        _check_announced(self.announced)
+        return self.layer(mx.distributed.all_sum(h.astype(self.dtype), group=self.group), *args, **kwargs)
+
+
+class _Hop(nn.Module):
+    """Pipeline, rank 0: stands for the later ranks' layers. Sends h to rank 1 and gets the last rank's h back."""
+
+    def __init__(self, group, layer_type: str, dtype, announced):
+        super().__init__()
+        self.group, self.layer_type, self.dtype, self.announced = group, layer_type, dtype, announced
+
+    def __call__(self, h, *args, **kwargs):
+        _check_announced(self.announced)
+        sent = mx.distributed.send(h.astype(self.dtype), 1, group=self.group)  # the dtype rank 1 expects
+        return mx.distributed.all_sum(mx.depends(mx.zeros_like(h), sent), group=self.group)
+
+
+class _Flag:
+    """An on/off switch shared by the model and its collective layers, on for the span of `with flag:`."""
+
+    def __init__(self):
+        self.on = False
+
+    def __enter__(self):
+        self.on = True
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+class _Version:
+    """Rank 0's handle on one cached state mirrored by the workers; when it is collected they drop it too."""
+
+    def __init__(self, number: int, dead: collections.deque):
+        self.number = number
+        weakref.finalize(self, dead.append, number)
+
+
+class _Mirror(LayerCache):
+    """The last entry of rank 0's cache: the workers' matching state (a `_Version`), or None for an empty cache."""
+
+    def state(self):
+        return []
+
+    @property
+    def length(self) -> int:
+        return 0
+
+
+class ShardedCache(Cache):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.layers.append(_Mirror())
+        self.pending = []  # the pass's final hidden state: evaluating it runs every rank's part of an encode
+
+    def state(self):
+        return super().state() + self.pending
+
+
+# --- the model on each rank ----------------------------------------------------------------------------------------
+
+
+class ShardedModel(Model):
+    """The model as one rank holds it. On rank 0 it is a drop-in `Model` for every caller; on the others,
+    `serve()` runs what rank 0 announces until it says stop."""
+
+    def __init__(self, args: ModelArgs, group, mode: str, layers: range, experts: range):
+        super().__init__(args)
+        self.group, self.mode, self.rank, self.size = group, mode, group.rank(), group.size()
+        self.owned, self.experts_owned = layers, experts
+        self._dead = collections.deque()  # versions rank 0 no longer holds (appended by finalizers)
+        self._versions = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._announced = _Flag()  # set while an announced pass builds its graph
+        for i in range(args.num_hidden_layers):
+            if i not in layers:
+                self.layers[i] = nn.Module()
+            elif mode == "experts":
+                self.layers[i].experts = ShardedExperts(args, experts.start, len(experts), group)
+        if self.rank != 0:  # the embedding, head and self-conditioning live on rank 0 only
+            self.embed_tokens = nn.Module()
+            self.self_conditioning = nn.Module()
+
+    def wire(self):
+        """After loading: rank 0's layer list gains the collectives that hand h to the other ranks."""
+        if self.rank == 0 and self.size > 1:
+            if self.mode == "pipeline":
+                hop = _Hop(self.group, self.layers[0].layer_type, self.dtype, self._announced)
+                self.layers = self.layers[: len(self.owned)] + [hop]
+            else:
+                self.layers[0] = _Broadcast(self.layers[0], self.group, self.dtype, self._announced)
+
+    # --- rank 0: the Model API, each pass announced first --------------------------------------------------------
+
+    def make_cache(self) -> ShardedCache:
+        return ShardedCache(self.args)
+
+    def encode(self, input_ids, cache, attention_mask=None, *, images=None):
+        if images is not None and self.size > 1:
+            raise DistributedError("images are not supported with --pipeline or --experts-parallel yet")
+        input_ids = mx.array(input_ids)
+        B, L = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, L)}")
+        with self._lock:
+            self._versions += 1
+            version = _Version(self._versions, self._dead)
+            self._announce(ENCODE, cache, B, L, attention_mask, version.number)
+            with self._announced:
+                h = super().encode(input_ids, cache, attention_mask)
+            cache.pending = [h]
+            cache.layers[-1].keys = cache.layers[-1].values = version
+        return h
+
+    def denoise_raw(self, canvas, cache, distribution=None, total=None):
+        canvas = mx.array(canvas)
+        with self._lock:
+            self._announce(DENOISE, cache, *canvas.shape)
+            with self._announced:
+                return super().denoise_raw(canvas, cache, distribution, total)
+
+    def _announce(self, op, cache=None, B=0, L=0, mask=None, new=0):
+        if self.size == 1:
+            return
+        if self._closed:
+            raise DistributedError("the distributed model was closed")
+        dead = [self._dead.popleft() for _ in range(len(self._dead))]
+        base = cache.layers[-1].keys.number if cache is not None and cache.layers[-1].keys is not None else 0
+        header = mx.array([op, B, L, int(mask is not None), base, new, len(dead), 0], dtype=mx.int32)
+        mx.eval(mx.distributed.all_sum(header, group=self.group))
+        payload = [mx.array(dead, dtype=mx.int32)] + ([mx.array(mask).astype(mx.int32).reshape(-1)] if mask is not None else [])
+        if sum(p.size for p in payload):
+            mx.eval(mx.distributed.all_sum(mx.concatenate(payload), group=self.group))
+
+    def close(self):
+        """Tell the other ranks to exit (rank 0; called at exit)."""
+        if self.rank != 0 or self._closed or self.size == 1:
+            return
+        try:
+            self._announce(STOP)
+        except RuntimeError:
+            pass  # a rank already left: nothing to tell
+        self._closed = True
+
+    # --- the other ranks ------------------------------------------------------------------------------------------
+
+    def serve(self):
+        """Run rank 0's passes on this rank's part of the model until rank 0 says stop."""
+        cache = Cache(self.args)
+        versions = {0: cache.snapshot()}
+        while True:
+            header = mx.distributed.all_sum(mx.zeros((HEADER,), dtype=mx.int32), group=self.group).tolist()
+            op, B, L, has_mask, base, new, n_dead, _ = header
+            mask = None
+            if n_dead + has_mask * B * L:
+                payload = mx.distributed.all_sum(mx.zeros((n_dead + has_mask * B * L,), dtype=mx.int32), group=self.group)
+                mx.eval(payload)
+                for number in payload[:n_dead].tolist():
+                    versions.pop(number, None)
+                if has_mask:
+                    mask = payload[n_dead:].reshape(B, L).astype(mx.bool_)
+            if op == STOP:
+                return
+            cache.restore(versions[base])
+            if op == ENCODE:
+                cache.remember_mask(mask, B, L)
+            h = self._stage(cache, B, L, encode=op == ENCODE)
+            mx.eval(h, cache.state())
+            if op == ENCODE:
+                cache.offset += L
+                versions[new] = cache.snapshot()
+
+    def _stage(self, cache, B: int, L: int, encode: bool) -> mx.array:
+        """This worker's layers for one pass; returns what it contributes to the closing `all_sum`."""
+        shape, group = (B, L, self.args.hidden_size), self.group
+        if self.mode == "pipeline":
+            h = mx.distributed.recv(shape, self.dtype, self.rank - 1, group=group)
+        else:
+            h = mx.distributed.all_sum(mx.zeros(shape, dtype=self.dtype), group=group)
+        masks = {}
+        for i in self.owned:
+            layer = self.layers[i]
+            t = layer.layer_type
+            if t not in masks:  # the first owned layer of a type has the cached length all of its type share
+                masks[t] = (cache.encoder_mask(t, L, cache.layers[i].length) if encode else cache.decoder_mask(i, L))
+            h = layer(h, cache.offset, cache.layers[i], masks[t], encode=encode)
+        if self.mode == "experts":
+            return h
+        if self.rank == self.size - 1:
+            return mx.distributed.all_sum(h, group=group)
+        sent = mx.distributed.send(h, self.rank + 1, group=group)
+        return mx.distributed.all_sum(mx.depends(mx.zeros_like(h), sent), group=group)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the weights this rank holds."""
+        return sum(v.nbytes for _, v in nn.utils.tree_flatten(self.parameters()))

@@ -1,0 +1,94 @@
+"""What each rank runs in tests/test_distributed.py (started by `mlx.launch -n 2`). Rank 0 prints one JSON line.
+
+    parity MODE FOLDER   the sharded model against a single-process load of the same folder, in rank 0
+    missing FOLDER       rank 1 is given a folder that does not exist
+    die FOLDER           rank 1 dies during the first decoder pass of `python -m mlx_dgemma.generate`
+"""
+
+import json
+import os
+import sys
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+mx.set_default_device(mx.cpu)
+
+from mlx_dgemma.diffusion import generate_tokens  # noqa: E402
+from mlx_dgemma.distributed import ShardedModel, load_distributed  # noqa: E402
+from mlx_dgemma.loading import load_model  # noqa: E402
+
+
+def part_bytes(model, part: str) -> int:
+    """Bytes of this rank's layer weights ("layers") or expert weights ("experts")."""
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k.startswith("layers.") and (part in k or part == "layers"))
+
+
+def gather_sizes(model):
+    """Every rank's (layer, expert) bytes, gathered before rank 0 starts announcing passes."""
+    return mx.distributed.all_gather(mx.array([[part_bytes(model, "layers"), part_bytes(model, "experts")]])).tolist()
+
+
+def parity(mode, folder):
+    group = mx.distributed.init()
+    serve = ShardedModel.serve
+    ShardedModel.serve = lambda self: (gather_sizes(self), serve(self))  # the other ranks
+    model, _ = load_distributed(folder, mode)  # only rank 0 returns
+    sizes = gather_sizes(model)
+    single = load_model(folder)
+    prompt = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
+    canvas = mx.array([list(range(20, 20 + model.args.canvas_length))])
+    logits = {}
+    for name, m in (("sharded", model), ("single", single)):
+        cache = m.make_cache()
+        m.encode(prompt, cache)
+        mx.eval(cache.state())
+        logits[name] = np.array(m.denoise(canvas, cache))
+    generated = {
+        name: generate_tokens(m, [[3, 4, 5, 6, 7], [8, 9]], max_tokens=24, seed=3)  # a batch, one row padded
+        for name, m in (("sharded", model), ("single", single))
+    }
+    print(json.dumps({
+        "size": group.size(),
+        "max_abs_diff": float(np.abs(logits["sharded"] - logits["single"]).max()),
+        "generated": generated,
+        "layer_bytes": [row[0] for row in sizes],
+        "expert_bytes": [row[1] for row in sizes],
+        "single_layer_bytes": part_bytes(single, "layers"),
+        "single_expert_bytes": part_bytes(single, "experts"),
+    }), flush=True)
+
+
+def missing(folder):
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    from mlx_dgemma.cli import load_for_cli
+
+    class Flags:
+        pipeline, experts_parallel, pipeline_split, adapter_path = True, False, None, None
+
+    try:
+        load_for_cli(folder if rank == 0 else folder + "-missing", None, Flags())
+    except ValueError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+
+
+def die(folder):
+    if os.environ.get("MLX_RANK") == "1":
+        stage = ShardedModel._stage
+
+        def dying(self, cache, B, L, encode):
+            if not encode:
+                os._exit(9)
+            return stage(self, cache, B, L, encode)
+
+        ShardedModel._stage = dying
+    from mlx_dgemma.generate import main
+
+    code = main(["--model", folder, "-p", "hello", "--seed", "0", "--pipeline", "--verbose", "false"])
+    print(json.dumps({"code": code}), flush=True)
+
+
+if __name__ == "__main__":
+    command, *rest = sys.argv[1:]
+    {"parity": parity, "missing": missing, "die": die}[command](*rest)

@@ -1,0 +1,126 @@
+"""Two ranks on this machine: `mlx.launch -n 2` over the ring backend on loopback, each run under a timeout.
+
+Rank 0 compares the sharded model with a single-process load of the same tiny reference checkpoint (float32, and
+4-bit for expert parallelism): logits, a seeded batched generation, and how much of the weights each rank holds.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlx_dgemma
+from mlx_dgemma.distributed import DistributedError, expert_range, parse_split, split_layers
+
+HERE = Path(__file__).parent
+LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
+TIMEOUT = 120  # seconds per launch: a hung rank fails the test instead of the suite
+
+pytestmark = pytest.mark.distributed
+
+
+def free_ports() -> int:
+    """A port p with p and p + 1 free (mlx.launch gives rank r port p + r)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def launch(*args) -> tuple[int, dict | None, str]:
+    """Run tests/distributed_run.py on two ranks; (exit code, rank 0's JSON line, all output)."""
+    if LAUNCH is None:
+        pytest.skip("mlx.launch is not installed")
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
+           sys.executable, str(HERE / "distributed_run.py"), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_dgemma.__file__).parent.parent)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"two-rank run did not finish in {TIMEOUT}s:\n{out[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), out
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tiny, tmp_path_factory):
+    # group 32: the tiny model's expert width (32) is one group
+    return mlx_dgemma.convert(str(tiny[0]), str(tmp_path_factory.mktemp("dist") / "q4"), quantize=True, q_bits=4,
+                              q_group_size=32, verbose=False)
+
+
+def check_parity(result, out, exact: bool):
+    assert result is not None, out[-3000:]
+    assert result["size"] == 2
+    if exact:  # the same arithmetic in the same order, only split across processes
+        assert result["max_abs_diff"] == 0.0
+    else:  # each rank sums its experts' share, then all_sum adds the shares
+        assert result["max_abs_diff"] < 1e-4
+    assert result["generated"]["sharded"] == result["generated"]["single"]
+    assert all(len(row) > 0 for row in result["generated"]["sharded"])
+
+
+def test_pipeline_matches_one_process_and_halves_the_layers(tiny):
+    code, result, out = launch("parity", "pipeline", tiny[0])
+    assert code == 0, out[-3000:]
+    check_parity(result, out, exact=True)
+    assert sum(result["layer_bytes"]) == result["single_layer_bytes"]
+    assert all(abs(b / result["single_layer_bytes"] - 0.5) < 0.1 for b in result["layer_bytes"])
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_experts_parallel_matches_one_process_and_halves_the_experts(tiny, tiny_q4, quantized):
+    code, result, out = launch("parity", "experts", tiny_q4 if quantized else tiny[0])
+    assert code == 0, out[-3000:]
+    check_parity(result, out, exact=False)
+    assert result["expert_bytes"] == [result["single_expert_bytes"] // 2] * 2
+
+
+def test_a_folder_missing_on_one_rank_is_named(tiny):
+    code, result, out = launch("missing", tiny[0])
+    assert result is not None, out[-3000:]
+    assert "rank 1" in result["error"] and "-missing" in result["error"]
+    assert "rank 0" not in result["error"]
+
+
+def test_a_rank_that_dies_ends_the_run_with_a_message(tiny_chat_folder):
+    code, result, out = launch("die", tiny_chat_folder)
+    # rank 0 either sees the ring fail (and main returns 1) or is stopped by mlx.launch first: a message either way
+    assert result in (None, {"code": 1}), out[-3000:]
+    assert "error: another rank left the run" in out, out[-3000:]
+
+
+def test_layer_split_even_weighted_and_bad():
+    assert split_layers(30, 2) == [range(0, 15), range(15, 30)]
+    assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
+    assert split_layers(30, 2, parse_split("2,1")) == [range(0, 20), range(20, 30)]
+    assert split_layers(4, 2, [100, 1]) == [range(0, 3), range(3, 4)]  # every rank keeps a layer
+    with pytest.raises(DistributedError, match="3 ranks cannot share 2 layers"):
+        split_layers(2, 3)
+    with pytest.raises(DistributedError, match="--pipeline-split has 3 entries for 2 ranks"):
+        split_layers(30, 2, [1, 1, 1])
+    with pytest.raises(DistributedError, match="expected comma-separated numbers"):
+        parse_split("2;1")
+
+
+def test_experts_must_divide_among_the_ranks():
+    assert expert_range(128, 1, 4) == range(32, 64)
+    with pytest.raises(DistributedError, match="128 experts per layer do not divide among 3 ranks"):
+        expert_range(128, 0, 3)
