@@ -177,11 +177,12 @@ Commands: {first} `python benchmarks/demo_accuracy.py --write {again}`
     return text
 
 
-def write_section(path: Path, text: str):
+def write_section(path: Path, text: str, heading: str = SECTION):
+    """Replace the section under `heading` in `path` with `text` (appended when there is none)."""
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
+    if heading in old:
+        start = old.index(heading)
+        nxt = old.find("\n## ", start + len(heading))
         new = old[:start] + text.rstrip("\n") + ("\n" + old[nxt:] if nxt >= 0 else "\n")
     else:
         new = old.rstrip("\n") + "\n\n" + text

@@ -94,9 +94,9 @@ def make_add(rng: random.Random) -> tuple[str, str]:
 MAKERS = {"sudoku": make_sudoku, "sort": make_sort, "reverse": make_reverse, "add": make_add}
 
 
-def make(task: str, rng: random.Random) -> tuple[str, str]:
+def make(task: str, rng: random.Random, makers: dict = MAKERS) -> tuple[str, str]:
     """One example; half of the prompts write the task as a label ("sort: 7 2 9" as well as "sort 7 2 9")."""
-    prompt, answer = MAKERS[task](rng)
+    prompt, answer = makers[task](rng)
     if rng.random() < 0.5:
         head, rest = prompt.split(" ", 1)
         prompt = f"{head}: {rest}"
@@ -128,9 +128,10 @@ def bucket(prompt: str) -> int:
     return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 10
 
 
-def examples(task: str, count: int, seed: int, buckets: set[int], distinct: bool = True) -> list[dict]:
+def examples(task: str, count: int, seed: int, buckets: set[int], distinct: bool = True, make=make) -> list[dict]:
     """`count` examples of `task` whose problems fall in `buckets`; all different unless `distinct` is False
-    (training sets of the small tasks, two-digit addition has only 8,100 problems, repeat some)."""
+    (training sets of the small tasks, two-digit addition has only 8,100 problems, repeat some). `make` draws one
+    example (another task set: `long_tasks.make`)."""
     rng = random.Random(f"{task}-{seed}-{sorted(buckets)}")
     seen, out = set(), []
     attempts = 0
@@ -150,15 +151,16 @@ def examples(task: str, count: int, seed: int, buckets: set[int], distinct: bool
 TRAIN_MIX = {"sudoku": 20_000, "sort": 20_000, "reverse": 50_000, "add": 50_000}  # the slow learners get more
 
 
-def write_data(out: Path, seed: int, train_per_task: dict[str, int], valid_per_task: int, test_per_task: int):
+def write_data(out: Path, seed: int, train_per_task: dict[str, int], valid_per_task: int, test_per_task: int,
+               tasks=TASKS, make=make):
     out.mkdir(parents=True, exist_ok=True)
     splits = {
         "train": (train_per_task, set(range(2, 10))),
-        "valid": ({t: valid_per_task for t in TASKS}, {1}),
-        "test": ({t: test_per_task for t in TASKS}, {0}),
+        "valid": ({t: valid_per_task for t in tasks}, {1}),
+        "test": ({t: test_per_task for t in tasks}, {0}),
     }
     for name, (counts, buckets) in splits.items():
-        rows = [r for task in TASKS for r in examples(task, counts[task], seed, buckets, distinct=name != "train")]
+        rows = [r for task in tasks for r in examples(task, counts[task], seed, buckets, name != "train", make)]
         random.Random(f"shuffle-{name}-{seed}").shuffle(rows)
         with open(out / f"{name}.jsonl", "w") as f:
             for r in rows:
@@ -219,17 +221,16 @@ def write_tokenizer(folder: Path):
     return len(SPECIAL) + len(CHARACTERS)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, doc: str = __doc__, tasks=TASKS, mix=TRAIN_MIX, write=write_data):
+    """The data command line; `long_tasks.py` runs it with its own tasks, mix and writer."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="Folder for train.jsonl, valid.jsonl, test.jsonl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, help="Training examples per task (default: TRAIN_MIX)")
     p.add_argument("--valid", type=int, default=50, help="Validation examples per task")
     p.add_argument("--test", type=int, default=500, help="Held-out test examples per task")
     a = p.parse_args(argv)
-    mix = {t: a.train for t in TASKS} if a.train else TRAIN_MIX
-    write_data(Path(a.out), a.seed, mix, a.valid, a.test)
-
+    write(Path(a.out), a.seed, {t: a.train for t in tasks} if a.train else mix, a.valid, a.test)
 
 if __name__ == "__main__":
     main()

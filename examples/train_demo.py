@@ -116,7 +116,12 @@ def main(argv=None):
         options[options.index("--iters") + 1] = a.iters
     command = [sys.executable, "-m", "mlx_dgemma.train", "--model", str(blank), "--data", str(data),
                "--save-path", str(trained), *options, *(["--resume"] if a.resume else [])]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run_and_install(command, trained, None if a.no_install else ROOT / "mlx_dgemma" / "demo")
+
+def run_and_install(command: list[str], trained: Path, target: Path | None, env: dict | None = None):
+    """Run the training command (this checkout first on the path, OpenBLAS when there is one), then copy the
+    trained folder's shipped files into `target` (None: leave them)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if sys.platform.startswith("linux") and "LD_PRELOAD" not in env and Path(OPENBLAS).is_file():
         # MLX's CPU wheel multiplies float32 matrices about 5 times slower than OpenBLAS on x86 (1.5 s against
         # 0.3 s per step here): use OpenBLAS when it is installed (apt install libopenblas0-pthread).
@@ -126,12 +131,11 @@ def main(argv=None):
     start = time.time()
     subprocess.run(command, check=True, env=env)
     print(f"[INFO] training took {(time.time() - start) / 60:.1f} min")
-    if not a.no_install:
-        target = ROOT / "mlx_dgemma" / "demo"
+    if target is not None:
+        target.mkdir(exist_ok=True)
         for name in SHIPPED:
             shutil.copy2(trained / name, target / name)
         print(f"[INFO] installed into {target}")
-
 
 if __name__ == "__main__":
     main()
