@@ -89,10 +89,10 @@ def test_turn_two_encodes_only_new_tokens_and_matches_a_fresh_encode(loaded, mon
     real_encode = model.encode
     encoded, at_first_draft = [], []
 
-    def counting_encode(ids, cache, attention_mask=None):
+    def counting_encode(ids, cache, attention_mask=None, **kwargs):
         if not at_first_draft:  # the prompt's tokens (canvases are encoded after the first draft)
             encoded.append(ids.shape[1])
-        return real_encode(ids, cache, attention_mask=attention_mask)
+        return real_encode(ids, cache, attention_mask=attention_mask, **kwargs)
 
     def on_draft(_):
         if not at_first_draft:  # the decoder's view of the cache as this turn's diffusion starts
