@@ -142,18 +142,18 @@ def lane_slices(n: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def map_positions(n: int, build) -> list:
+def map_positions(n: int, build, chunk: int | None = None) -> list:
     """`build(positions)` for consecutive slices covering range(n), each built on its lane's stream.
 
-    On the CPU the positions go in chunks of about CHUNK, dealt to the lanes in turn: MLX evaluates one chunk's
-    chain of vocabulary-sized intermediates before the next, so the step's peak memory follows the chunk, not the
-    canvas. Without lanes (the GPU profile): one slice, the default stream.
+    On the CPU the positions go in chunks of about `chunk` (default CHUNK), dealt to the lanes in turn: MLX
+    evaluates one chunk's chain of vocabulary-sized intermediates before the next, so the step's peak memory
+    follows the chunk, not the canvas. Without lanes (the GPU profile): one slice, the default stream.
     """
     if not backend.current().lanes:
         return [build(slice(0, n))]
     streams = lanes()
     out = []
-    for i, rows in enumerate(lane_slices(n, max(len(streams), -(-n // CHUNK)))):
+    for i, rows in enumerate(lane_slices(n, max(len(streams), -(-n // (chunk or CHUNK))))):
         stream = streams[i % len(streams)]
         with mx.stream(stream) if stream is not None else contextlib.nullcontext():
             out.append(build(rows))

@@ -181,3 +181,21 @@ def test_bad_images_name_the_problem(tmp_path):
         process_image("data:image/png;base64,@@@", settings)
     with pytest.raises(ImageError, match="remote URLs are not fetched"):
         process_image("https://example.com/a.png", settings)
+
+
+def test_both_backend_profiles_give_the_reference_features(vision_ref):
+    """The CPU profile (query chunks on lanes) and the GPU one (head dim padded to a fused kernel's size), on
+    this CPU: the same features as the reference."""
+    from mlx_dgemma import backend
+    from mlx_dgemma.vision import tower
+
+    _, ref, encoder = vision_ref
+    images = [synthetic(24, 32, seed=8)]
+    _, _, _, expected = reference_features(ref, images)
+    for profile in ("cpu", "gpu"):
+        with backend.using(profile):
+            chunk, tower.ATTENTION_QUERY_CHUNK = tower.ATTENTION_QUERY_CHUNK, 5  # several chunks of a 48-patch image
+            try:
+                assert err(encoder.features(images), expected) < TOL, profile
+            finally:
+                tower.ATTENTION_QUERY_CHUNK = chunk

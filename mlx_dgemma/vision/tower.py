@@ -18,11 +18,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import backend, cpu
 from ..config import ConfigError
 
-# Queries per attention call: the CPU backend materialises [heads, queries, keys] float32 scores, which for a
-# 1120-token image (10 080 patches) would be 6.5 GB at once; 1024 queries keep it near 0.65 GB.
+# Queries per attention call on the CPU: its attention materialises [heads, queries, keys] float32 scores, which
+# for a 1120-token image (10 080 patches) would be 6.5 GB at once; 1024 queries keep it near 0.65 GB, and the
+# chunks run on the CPU lanes (the softmax of one op runs on one thread).
 ATTENTION_QUERY_CHUNK = 1024
+# Head dims Metal's fused attention kernel takes; the release's 72 is padded with zeros to 80 for it (exact: the
+# scale is given explicitly, zero channels add nothing to q.k, and the zero value channels are cut off).
+FUSED_HEAD_DIMS = (64, 80, 128)
 
 
 @dataclass
@@ -123,13 +128,24 @@ class Attention(nn.Module):
         k = axial_rope(self.k_norm(self.k_proj(x).reshape(B, P, self.n_kv_heads, -1)), cos, sin)
         v = rms_norm_f32(self.v_proj(x).reshape(B, P, self.n_kv_heads, -1), None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        # Scale 1.0: q and k are RMS-normalised instead. Bidirectional; only padding keys are masked.
-        outs = [
-            mx.fast.scaled_dot_product_attention(q[:, :, s : s + ATTENTION_QUERY_CHUNK], k, v, scale=1.0, mask=mask)
-            for s in range(0, P, ATTENTION_QUERY_CHUNK)
-        ]
-        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))
+
+
+def attend(q, k, v, mask):
+    """Bidirectional attention with scale 1.0 (q and k are RMS-normalised instead); only padding keys are masked."""
+    if backend.current().lanes:
+        parts = cpu.map_positions(
+            q.shape[2], lambda rows: mx.fast.scaled_dot_product_attention(q[:, :, rows], k, v, scale=1.0, mask=mask),
+            chunk=ATTENTION_QUERY_CHUNK,
+        )
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+    d = q.shape[-1]
+    fused = next((f for f in FUSED_HEAD_DIMS if f >= d), d)
+    if fused != d:
+        widen = [(0, 0)] * 3 + [(0, fused - d)]
+        q, k, v = mx.pad(q, widen), mx.pad(k, widen), mx.pad(v, widen)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)[..., :d]
 
 
 class MLP(nn.Module):
