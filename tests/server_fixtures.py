@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from reference import IMAGE_TOKENS
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
             "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
@@ -23,17 +24,22 @@ CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
 
 
 def add_char_tokenizer(folder, vocab_size: int = 512):
-    """One token per character (so a text's length counts its tokens), the Gemma 4 specials as single tokens; the
-    rest of the vocabulary is more single characters (Latin Extended and IPA letters)."""
+    """One token per character (so a text's length counts its tokens), the Gemma 4 specials (and the image markers)
+    as single tokens; the rest of the vocabulary is more single characters (from U+0100 on, surrogates skipped)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     folder = Path(folder)
-    fill = [chr(0x100 + i) for i in range(vocab_size - len(SPECIALS) - len(CHARS))]
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS + fill)}
+    n = vocab_size - len(SPECIALS) - len(CHARS)
+    fill = [chr(c) for c in range(0x100, 0x100 + n + 0x800) if not 0xD800 <= c < 0xE000][:n]
+    tokens = SPECIALS + CHARS + fill
+    for offset, token in IMAGE_TOKENS.items():  # where build_reference puts the image markers
+        tokens[vocab_size + offset] = token
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in SPECIALS + list(IMAGE_TOKENS.values())])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}
@@ -102,3 +108,29 @@ def scripted(monkeypatch, tokenizer, texts: list[str], canvas_length: int, eos_i
         return rows, 1
 
     monkeypatch.setattr(scheduler, "canvas_loop", lambda settings: fake_loop)
+
+
+def endless(monkeypatch, token_id: int, step_seconds: float = 0.05, steps: int = 4):
+    """Make the loop slow and never end a reply (each canvas: `steps` steps of `step_seconds`, all `token_id`),
+    so that a request is surely still running when a test disconnects or overflows the queue. Counts the
+    canvases run in the returned dict."""
+    from mlx_dgemma.server import scheduler
+
+    seen = {"canvases": 0}
+
+    def slow_loop(model, cache, canvas, settings, rng, work, *, finished, drafts=False, rows_to_keep=None, **kw):
+        seen["canvases"] += 1
+        rows = mx.full(canvas.shape, token_id, dtype=mx.int32)
+        for step in range(1, steps + 1):
+            time.sleep(step_seconds)
+            yield step, None
+            kept = rows_to_keep() if rows_to_keep is not None else None
+            if kept is not None:
+                rows = rows[mx.array(kept, dtype=mx.int32)] if kept else rows[:0]
+                cache.select(kept)
+                if not kept:
+                    return rows, step
+        return rows, steps
+
+    monkeypatch.setattr(scheduler, "canvas_loop", lambda settings: slow_loop)
+    return seen

@@ -1,5 +1,6 @@
 """The HTTP server against the real `openai` client (and plain HTTP), on the tiny checkpoint in this process."""
 
+import contextlib
 import json
 import shutil
 import threading
@@ -9,7 +10,7 @@ import httpx2 as httpx  # the HTTP client the openai package brings
 import openai
 import pytest
 
-from server_fixtures import add_char_tokenizer, running_server, scripted
+from server_fixtures import add_char_tokenizer, endless, running_server, scripted
 
 CONTEXT = 400  # the test server's context limit (tokens), so that an oversize prompt is cheap to make
 
@@ -19,6 +20,7 @@ def folder(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("server-model")
     shutil.copytree(tiny[0], out, dirs_exist_ok=True)
     vocab = add_char_tokenizer(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({"max_soft_tokens": 70}))  # small images
     return out, vocab
 
 
@@ -215,8 +217,10 @@ BAD_BODIES = [
     ({"messages": []}, "messages", "non-empty"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "unknown role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}]},
-     "messages[0].content[0]", "images not supported by this model"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x.example/a.png"}}]}]},
+     "messages[0].content[0]", "data: URLs"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     "messages", "image"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"}, "max_tokens", "positive integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", "positive integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "number"),
@@ -297,28 +301,71 @@ def _wait_idle(url, seconds=20):
     raise AssertionError(f"the server did not go idle: {h}")
 
 
-def test_disconnect_mid_stream_frees_the_row(server, client):
+def test_disconnect_mid_stream_frees_the_row(server, client, monkeypatch, folder):
     url = server[0]
+    seen = endless(monkeypatch, folder[1]["a"])
     body = {"messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 300, "seed": 1}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
             for line in r.iter_lines():
-                if line.startswith("data:"):
-                    break  # the first chunk: then the client goes away
+                if '"content": "a' in line:
+                    break  # the first committed text: then the client goes away
     _wait_idle(url)
+    assert seen["canvases"] < 300 // server[1].context.canvas_length  # it stopped long before its budget
+    monkeypatch.undo()
     assert chat(client, "still there?", max_tokens=4).usage.completion_tokens <= 4
 
 
-def test_queue_overflow_gets_429(loaded, folder):
+def test_queue_overflow_gets_429(loaded, folder, monkeypatch):
+    endless(monkeypatch, folder[1]["a"])
     with running_server(*loaded, folder[0], max_concurrency=1, max_queue=1) as (url, state):
         body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 300}
-        with httpx.Client(timeout=30) as http:
-            first = http.stream("POST", url + "/v1/chat/completions", json=body).__enter__()
-            second = http.stream("POST", url + "/v1/chat/completions", json=body).__enter__()
+        with httpx.Client(timeout=30) as http, contextlib.ExitStack() as streams:
+            for _ in range(2):  # one running, one queued
+                streams.enter_context(http.stream("POST", url + "/v1/chat/completions", json=body))
+            assert httpx.get(url + "/health").json()["running"] + httpx.get(url + "/health").json()["queued"] == 2
             third = http.post(url + "/v1/chat/completions", json=body)
             assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
             assert third.json()["error"]["type"] == "rate_limit_error"
-            first.close()
-            second.close()
         _wait_idle(url)
         assert httpx.get(url + "/health").json()["status"] == "ok"
+
+# --- images ----------------------------------------------------------------------------------------------------
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_images(client, server, monkeypatch):
+    import base64
+
+    data = base64.b64encode(_png(1)).decode()
+    parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+             {"type": "text", "text": "what is it"}]
+    text_only = chat(client, "what is it", seed=1, max_tokens=8)
+    first = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}], seed=1,
+                                           max_tokens=8)
+    again = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}], seed=1,
+                                           max_tokens=8)
+    encoder = server[1].model.vision
+    soft = encoder.process([_png(1)])[0].soft_tokens
+    # the placeholder became boi + soft tokens + eoi
+    assert first.usage.prompt_tokens == text_only.usage.prompt_tokens + soft + 2
+    assert again.choices[0].message.content == first.choices[0].message.content
+    with httpx.Client(base_url=server[0], timeout=60) as http:
+        assert "vision" in http.post("/api/show", json={"model": "m"}).json()["capabilities"]
+        r = http.post("/api/chat", json={"model": "m", "stream": False, "options": {"seed": 1, "num_predict": 8},
+                                         "messages": [{"role": "user", "content": "what is it", "images": [data]}]})
+        assert r.status_code == 200 and r.json()["prompt_eval_count"] == first.usage.prompt_tokens
+        monkeypatch.setattr(server[1].context, "vision", None)  # as for a text-only model
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}]})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "images not supported by this model"

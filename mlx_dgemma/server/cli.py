@@ -82,6 +82,7 @@ def build_state(args, model, tokenizer, folder: Path):
         canvas_length=model.args.canvas_length, context_length=int(context),
         default_max_tokens=args.max_tokens or model.sampler_defaults.max_new_tokens,
         thinking_budget_factor=1 if args.max_tokens else THINKING_BUDGET_FACTOR, think=args.think,
+        vision=getattr(model, "vision", None),
     )
     scheduler = Scheduler(model, tokenizer, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           prompt_cache=PromptCache(args.prompt_cache_size), prefill_step_size=args.prefill_step_size)

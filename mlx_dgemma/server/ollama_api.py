@@ -44,7 +44,8 @@ async def ps(request, state):
 
 async def show(request, state, body: dict):
     entry = _model_entry(state)
-    capabilities = ["completion"] + (["tools", "thinking"] if state.tokenizer.has_chat_template else [])
+    capabilities = ["completion"] + (["tools", "thinking"] if state.tokenizer.has_chat_template else []) \
+        + (["vision"] if state.context.vision is not None else [])
     return JSONResponse({"modelfile": "", "parameters": "", "template": state.tokenizer.chat_template or "",
                          "details": entry["details"], "capabilities": capabilities, "modified_at": state.loaded_at,
                          "model_info": {"general.architecture": "diffusion_gemma",

@@ -9,6 +9,8 @@ documents. The diffusion settings come as extra body fields (`steps`, `entropy_b
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ class GenerationRequest:
     drafts: bool = False
     thinking: bool = False
     cache_points: list[int] = field(default_factory=list)  # prompt prefixes worth keeping in the prompt cache
+    image_patches: list = field(default_factory=list)  # the prompt's images, read (vision.Patches), in order
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ServerContext:
     default_max_tokens: int
     thinking_budget_factor: int = 1
     think: bool = False
+    vision: object = None  # the model's vision.ImageEncoder, or None for a text-only model
 
 
 def _typed(body: dict, name: str, kinds, what: str, default=None, where: str = ""):
@@ -130,27 +134,61 @@ def _stops(value, param="stop") -> list[str]:
     return [s for s in value if s]
 
 
-def _text_content(content, where: str) -> str:
+def _image_source(part: dict, where: str) -> str:
+    """The `data:` URL of an image part (`image_url` as OpenAI sends it, or `input_image` / `image`)."""
+    value = part.get("image_url", part.get("image"))
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise RequestError(f"{where}: an image part needs image_url.url", param=where)
+    if not url.startswith("data:"):
+        raise RequestError(f"{where}: send images inline as data: URLs (data:image/png;base64,...); this server "
+                           "fetches no URLs", param=where, code="unsupported_content")
+    return url
+
+
+def _content(content, where: str, images: list | None):
+    """Text, or (with images, for a vision model) the parts the chat template places: images go to `images`."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise RequestError(f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
-    texts = []
+    parts = []
     for j, part in enumerate(content):
         if isinstance(part, str):
-            texts.append(part)
+            parts.append({"type": "text", "text": part})
             continue
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in IMAGE_PARTS:
-            raise RequestError("images not supported by this model", param=f"{where}.content[{j}]",
-                               code="unsupported_content")
+            if images is None:
+                raise RequestError("images not supported by this model", param=f"{where}.content[{j}]",
+                                   code="unsupported_content")
+            images.append(_image_source(part, f"{where}.content[{j}]"))
+            parts.append({"type": "image"})
+            continue
         if kind != "text" or not isinstance(part.get("text"), str):
             raise RequestError(f"{where}.content[{j}]: unsupported content part {json.dumps(part)[:60]} "
                                "(expected {\"type\": \"text\", \"text\": ...})", param=f"{where}.content[{j}]")
-        texts.append(part["text"])
-    return "".join(texts)
+        parts.append(part)
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _ollama_images(m: dict, where: str, images: list | None) -> list[dict]:
+    """Ollama's `images` (base64 strings) as image parts."""
+    given = m.get("images") or []
+    if not given:
+        return []
+    if images is None:
+        raise RequestError("images not supported by this model", param=f"{where}.images", code="unsupported_content")
+    for j, data in enumerate(given):
+        try:
+            images.append(base64.b64decode(data, validate=True))
+        except (binascii.Error, TypeError, ValueError):
+            raise RequestError(f"{where}.images[{j}] is not base64", param=f"{where}.images[{j}]") from None
+    return [{"type": "image"}] * len(given)
 
 
 def _arguments(value, where: str):
@@ -166,9 +204,10 @@ def _arguments(value, where: str):
     raise RequestError(f"{where}: arguments must be a JSON object (or its JSON text)", param=where)
 
 
-def normalize_messages(messages, ollama: bool = False) -> list[dict]:
-    """Messages as the chat template takes them: text content, tool-call arguments as objects, tool results
-    named after the call they answer, assistant reasoning under `reasoning`."""
+def normalize_messages(messages, ollama: bool = False, images: list | None = None) -> list[dict]:
+    """Messages as the chat template takes them: text content (or parts, with images, which are collected into
+    `images`; None: the model takes none), tool-call arguments as objects, tool results named after the call they
+    answer, assistant reasoning under `reasoning`."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
     out, names = [], {}
@@ -180,10 +219,11 @@ def normalize_messages(messages, ollama: bool = False) -> list[dict]:
         if role not in ROLES:
             raise RequestError(f"{where}.role: unknown role {json.dumps(role)} (expected one of {', '.join(ROLES)})",
                                param=f"{where}.role")
-        if ollama and m.get("images"):
-            raise RequestError("images not supported by this model", param=f"{where}.images",
-                               code="unsupported_content")
-        message = {"role": role, "content": _text_content(m.get("content"), where)}
+        content = _content(m.get("content"), where, images)
+        if ollama:
+            pictures = _ollama_images(m, where, images)
+            content = [*pictures, {"type": "text", "text": content}] if pictures else content
+        message = {"role": role, "content": content}
         reasoning = m.get("reasoning_content") or m.get("reasoning") or m.get("thinking")
         if role == "assistant" and isinstance(reasoning, str) and reasoning:
             message["reasoning"] = reasoning
@@ -206,6 +246,8 @@ def normalize_messages(messages, ollama: bool = False) -> list[dict]:
             message["name"] = name if isinstance(name, str) else "tool"
             if isinstance(m.get("tool_call_id"), str):
                 message["tool_call_id"] = m["tool_call_id"]
+            if not isinstance(message["content"], str):
+                raise RequestError(f"{where}: a tool result is text", param=f"{where}.content")
         out.append(message)
     if not any(m["content"] or m.get("tool_calls") for m in out):
         raise RequestError("messages hold no text", param="messages")
@@ -274,6 +316,22 @@ def _finish(ctx: ServerContext, ids: list[int], text: str, max_tokens: int | Non
     return GenerationRequest(prompt_ids=list(ids), prompt_text=text, max_tokens=max_tokens, thinking=thinking, **kw)
 
 
+def _with_images(ctx: ServerContext, ids: list[int], images: list) -> tuple[list[int], list]:
+    """Read the images (before anything runs: a bad one is a 400) and expand their placeholders to soft tokens."""
+    if not images:
+        return ids, []
+    from ..vision import ImageError, expand_image_tokens
+
+    encoder = ctx.vision
+    try:
+        patches = encoder.process(images)
+        ids = expand_image_tokens(ids, [p.soft_tokens for p in patches], encoder.boi_token_id,
+                                  encoder.image_token_id, encoder.eoi_token_id)
+    except ImageError as e:
+        raise RequestError(str(e), param="messages", code="invalid_image") from None
+    return ids, patches
+
+
 def _render(ctx: ServerContext, messages, thinking: bool, tools, kwargs: dict) -> tuple[list[int], str, list[int]]:
     tok = ctx.tokenizer
     extra = {k: v for k, v in kwargs.items() if k != "enable_thinking"}
@@ -314,10 +372,13 @@ def parse_chat(body: dict, ctx: ServerContext) -> GenerationRequest:
     """An OpenAI `/v1/chat/completions` body."""
     common = _common(body, ctx)
     thinking, model = resolve_thinking(ctx, _model_name(body, ctx), body)
-    messages = normalize_messages(body.get("messages"))
+    images = [] if ctx.vision is not None else None
+    messages = normalize_messages(body.get("messages"), images=images)
     max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     ids, text, points = _render(ctx, messages, thinking, _tools(body), body.get("chat_template_kwargs") or {})
-    return _finish(ctx, ids, text, max_tokens, thinking, model=model, cache_points=points, **common)
+    ids, patches = _with_images(ctx, ids, images)
+    return _finish(ctx, ids, text, max_tokens, thinking, model=model, cache_points=[] if patches else points,
+                   image_patches=patches, **common)
 
 
 def parse_completion(body: dict, ctx: ServerContext) -> GenerationRequest:
@@ -358,16 +419,21 @@ def _ollama_options(body: dict) -> dict:
 def parse_ollama_chat(body: dict, ctx: ServerContext) -> GenerationRequest:
     opts = _ollama_options(body)
     thinking, model = resolve_thinking(ctx, _model_name(body, ctx), body)
-    messages = normalize_messages(body.get("messages"), ollama=True)
+    images = [] if ctx.vision is not None else None
+    messages = normalize_messages(body.get("messages"), ollama=True, images=images)
     ids, text, points = _render(ctx, messages, thinking, _tools(body), {})
-    return _finish(ctx, ids, text, opts["max_tokens"], thinking, model=model, cache_points=points, **opts["common"])
+    ids, patches = _with_images(ctx, ids, images)
+    return _finish(ctx, ids, text, opts["max_tokens"], thinking, model=model, cache_points=[] if patches else points,
+                   image_patches=patches, **opts["common"])
 
 
 def parse_ollama_generate(body: dict, ctx: ServerContext) -> GenerationRequest:
     opts = _ollama_options(body)
     prompt = _typed(body, "prompt", str, "a string", "")
-    if body.get("images"):
-        raise RequestError("images not supported by this model", param="images", code="unsupported_content")
+    if body.get("images"):  # a prompt's images go through the chat route
+        return parse_ollama_chat({**body, "messages": [
+            *([{"role": "system", "content": body["system"]}] if body.get("system") else []),
+            {"role": "user", "content": prompt, "images": body["images"]}]}, ctx)
     if _typed(body, "raw", bool, "true or false", False):
         ids, text = ctx.tokenizer.encode(prompt), prompt
         return _finish(ctx, ids, text, opts["max_tokens"], False, model=_model_name(body, ctx), **opts["common"])

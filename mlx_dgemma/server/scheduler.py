@@ -220,17 +220,30 @@ class Scheduler:
         start = job.admitted = time.perf_counter()
         ids = job.request.prompt_ids
         cache = self.model.make_cache()
-        job.cached_tokens = self.prompt_cache.restore(cache, ids)
-        for point in sorted({*job.request.cache_points, len(ids)}):
-            for begin in range(cache.offset, point, self.prefill_step_size):
-                if job.handle.cancelled.is_set():
-                    raise _Cancelled
-                end = min(point, begin + self.prefill_step_size)
-                prefill(self.model, mx.array([ids[begin:end]]), cache, None, self.prefill_step_size)
-            if point > job.cached_tokens:
-                self.prompt_cache.store(ids[:point], cache)
+        if job.request.image_patches:
+            self._prefill_images(job, cache)
+        else:
+            job.cached_tokens = self.prompt_cache.restore(cache, ids)
+            for point in sorted({*job.request.cache_points, len(ids)}):
+                for begin in range(cache.offset, point, self.prefill_step_size):
+                    if job.handle.cancelled.is_set():
+                        raise _Cancelled
+                    end = min(point, begin + self.prefill_step_size)
+                    prefill(self.model, mx.array([ids[begin:end]]), cache, None, self.prefill_step_size)
+                if point > job.cached_tokens:
+                    self.prompt_cache.store(ids[:point], cache)
         job.cache, job.length = cache, len(ids)
         job.prefill_seconds = time.perf_counter() - start
+
+    def _prefill_images(self, job: _Job, cache):
+        """A prompt with images: the text before the first image may come from the prompt cache; nothing of it
+        goes in (its ids do not say which images it holds)."""
+        ids, encoder = job.request.prompt_ids, self.model.vision
+        first = ids.index(encoder.boi_token_id) if encoder.boi_token_id in ids else len(ids)
+        job.cached_tokens = self.prompt_cache.restore(cache, ids[:first])
+        images = encoder.prompt_images(np.array([ids]), encoder.features(job.request.image_patches))
+        rest = images.columns(job.cached_tokens, len(ids))
+        prefill(self.model, mx.array([ids[job.cached_tokens:]]), cache, None, self.prefill_step_size, rest)
 
     def _next_batch(self) -> _Batch | None:
         ready = [b for b in self._batches.values() if b.jobs or b.joining]
