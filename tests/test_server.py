@@ -250,6 +250,29 @@ def test_bad_requests_get_400(server, body, param, words):
         assert words in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
 
 
+def test_failure_mid_generation(server, client, monkeypatch):
+    from mlx_dgemma.server import scheduler
+
+    def broken(model, cache, canvas, settings, rng, work, **kw):
+        raise RuntimeError("the accelerator fell off")
+        yield  # a generator, like the real loop
+
+    monkeypatch.setattr(scheduler, "canvas_loop", lambda settings: broken)
+    r = httpx.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500 and "fell off" in r.json()["error"]["message"]
+    assert r.headers["x-should-retry"] == "false"
+    with pytest.raises(openai.APIError, match="fell off"):  # one error event in the stream, then [DONE]
+        for _ in chat(client, "hi", stream=True):
+            pass
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "error" in json.loads(lines[-2][6:]) and lines[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    assert chat(client, "hi", max_tokens=4).usage.completion_tokens <= 4  # the server goes on
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+
+
 def test_unknown_routes_and_health(server, client):
     r = httpx.get(server[0] + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

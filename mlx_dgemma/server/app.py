@@ -21,7 +21,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from . import ollama_api, openai_api
-from .request import RequestError, ServerContext
+from .errors import RequestError
+from .request import ServerContext
 from .runner import Overloaded
 from .scheduler import Scheduler
 

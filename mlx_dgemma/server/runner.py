@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from .output import Delta, TextStream, prompt_opens_reasoning
-from .request import GenerationRequest, RequestError
+from .errors import RequestError
+from .request import GenerationRequest
 from .scheduler import Handle, QueueFull
 
 log = logging.getLogger("mlx_dgemma.server")

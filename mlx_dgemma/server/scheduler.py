@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,7 +28,10 @@ from ..diffusion import RandomSource, canvas_loop, cut_at_eos, prefill, resolve_
 from ..fast_loop import StepWork
 from .batch import RowRandomSource, reframe, stack
 from .prompt_cache import PromptCache
-from .request import GenerationRequest, RequestError
+from .errors import RequestError
+from .request import GenerationRequest
+
+log = logging.getLogger("mlx_dgemma.server")
 
 
 class QueueFull(Exception):
@@ -184,7 +187,7 @@ class Scheduler:
             try:
                 self._run_canvas(batch)
             except Exception as e:  # never let one failure wedge the server: fail this batch's rows, go on
-                traceback.print_exc()
+                log.exception("a canvas failed; its requests get the error")
                 for job in batch.jobs + batch.joining:
                     self._fail(job, f"generation failed: {type(e).__name__}: {e}")
                 batch.jobs, batch.joining, batch.cache = [], [], None
@@ -210,7 +213,7 @@ class Scheduler:
                 self._end(job, "cancelled")
                 continue
             except Exception as e:
-                traceback.print_exc()
+                log.exception("encoding a prompt failed")
                 self._fail(job, f"encoding the prompt failed: {type(e).__name__}: {e}")
                 continue
             key = repr(job.handle.settings)
