@@ -11,6 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+# Float dtypes a folder's weights may be converted to (weights.DTYPE_NAMES maps them to MLX's), and the quantization
+# recipes (quantize.py); here, without MLX, so that the command lines' --help answers at once.
+DTYPES = ("float32", "float16", "bfloat16")
+QUANT_RECIPES = ("mixed", "uniform")
+
 # Prompt tokens per encoder chunk: peak memory grows with the chunk rather than the prompt.
 DEFAULT_PREFILL_STEP = 2048
 

@@ -22,11 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .checkpoint import ConversionError, resolve_checkpoint
 from .config import OUR_GENERATION_KEY, ModelArgs, read_json
-from .convert import (
-    COPIED_FILES, MAX_SHARD_BYTES, ConversionError, make_plan, row_ranges, shard, shard_filenames, source_dtype,
-    staged_folder, vision_shapes,
-)
+from .conversion import COPIED_FILES, MAX_SHARD_BYTES, shard, shard_filenames, staged_folder
+from .conversion_plan import make_plan, row_ranges, source_dtype, vision_shapes
 from .model import VISION_PREFIXES, checkpoint_name
 from .weights import DTYPE_NAMES, PlannedTensor, SafetensorsWriter, list_tensors
 
@@ -147,8 +146,6 @@ def export_hf(
     verbose: bool = True,
 ) -> Path:
     """Write a Hugging Face DiffusionGemma folder at `hf_path` from the MLX folder `mlx_path`; returns it."""
-    from .convert import resolve_checkpoint
-
     say = print if verbose else (lambda *a, **k: None)
     out = Path(hf_path).expanduser()
     if out.exists():

@@ -8,7 +8,8 @@ import mlx.core as mx
 
 from . import backend
 from .config import ModelArgs, SamplerConfig, read_json
-from .convert import make_plan, resolve_checkpoint, source_dtype
+from .checkpoint import resolve_checkpoint
+from .conversion_plan import make_plan, source_dtype
 from .cpu import keep_buffers
 from .model import VISION_PREFIXES, Model, checkpoint_name, widen_cpu_experts
 from .quantize import apply_to_model

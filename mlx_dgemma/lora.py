@@ -6,14 +6,13 @@ holds `adapters.safetensors` (only the low-rank matrices) and `adapter_config.js
     model, tokenizer = mlx_dgemma.load("base_model", adapter_path="adapters")   # applies them
     fuse_model(model)                                                             # folds them into the weights
 
-    python -m mlx_dgemma.lora --model base_model --adapter-path adapters --save-path fused_model
+    python -m mlx_dgemma.fuse --model base_model --adapter-path adapters --save-path fused_model   (or .lora)
 
 Works over float and quantized base weights (QLoRA): the base stays as it is, the adapter is float32.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -220,33 +219,7 @@ def fuse_model(model) -> int:
     return count
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mlx_dgemma.lora", description="Fuse LoRA adapters into a model folder.")
-    p.add_argument("--model", required=True, help="The base model folder (or Hub id).")
-    p.add_argument("--adapter-path", required=True, help="The adapter folder written by mlx_dgemma.train.")
-    p.add_argument("--save-path", required=True, help="Output folder for the fused model (must not exist).")
-    args = p.parse_args(argv)
-    from .convert import resolve_checkpoint
-    from .loading import load
-    from .train import save_model
+if __name__ == "__main__":  # `python -m mlx_dgemma.lora`: the fuse command line, which lives in fuse.py
+    from mlx_dgemma.fuse import main
 
-    # Under `python -m` this file is __main__, a second copy of the module: `load` applies the package
-    # module's LoRALinear, so fuse with the package module's function.
-    from .lora import fuse_model as fuse
-
-    try:
-        out = Path(args.save_path)
-        if out.exists():
-            raise AdapterError(f"{out}: already exists")
-        model, _ = load(args.model, adapter_path=args.adapter_path)
-        n = fuse(model)
-        save_model(model, resolve_checkpoint(args.model), out)
-        print(f"[INFO] Fused {n} adapters into {out}")
-        return 0
-    except (AdapterError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import QUANT_RECIPES
+
 MODES = {  # mode -> (allowed bits, allowed group sizes, default group size)
     "affine": ((4, 8), (32, 64, 128), 64),
     "mxfp4": ((4,), (32,), 32),
     "mxfp8": ((8,), (32,), 32),
 }
-RECIPES = ("mixed", "uniform")
+RECIPES = QUANT_RECIPES
 
 
 @dataclass(frozen=True)

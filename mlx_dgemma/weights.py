@@ -17,6 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .config import DTYPES
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or inconsistent; the message names the file (and key)."""
@@ -37,7 +39,7 @@ ST_TO_NP = {
     "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "U32": np.uint32, "I32": np.int32,
     "I64": np.int64, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_, "U16": np.uint16, "I16": np.int16,
 }
-DTYPE_NAMES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPE_NAMES = {name: getattr(mx, name) for name in DTYPES}
 
 
 def itemsize(dtype: mx.Dtype) -> int:
