@@ -55,8 +55,9 @@ REASONING_STYLE = "\x1b[3;90m"  # italic, grey
 
 
 class Repl:
-    def __init__(self, session: "ChatSession", canvas: bool | None = None, out=None, images=None):
+    def __init__(self, session: "ChatSession", canvas: bool | None = None, out=None, images=None, check=None):
         self.session = session
+        self.check = check  # text -> a one-line note, or None (the demo model's out_of_range)
         self.pending_images: list[str] = []  # sent with the next message
         for path in images or []:
             self.attach(path, quiet=True)
@@ -128,6 +129,10 @@ class Repl:
 
     def turn(self, text: str):
         from .display import CanvasView
+
+        note = self.check(text) if self.check is not None else None
+        if note:
+            self.say(note)
 
         view = CanvasView(self.out, live=self.tty)  # drafts are drawn only when asked for
         in_answer, reasoning_shown = False, False
@@ -217,7 +222,10 @@ def main(argv=None) -> int:
             prefill_step_size=args.prefill_step_size, max_soft_tokens=args.max_soft_tokens,
             **{k: getattr(args, k) for k in SAMPLER_FLAGS},
         )
-        return Repl(session, canvas=args.canvas, images=args.image).run()
+        check = None
+        if args.model is None:
+            from .demo import out_of_range as check
+        return Repl(session, canvas=args.canvas, images=args.image, check=check).run()
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 1

@@ -87,6 +87,7 @@ def load_for_cli(model_path: str | None, adapter_path: str | None = None, args=N
         if not demo.available():
             raise ValueError("no --model given and the bundled demo model is missing from this install")
         print(demo.RELEASED_MODEL_HINT, file=sys.stderr)
+        print(demo.banner(), file=sys.stderr)
         model_path = str(demo.FOLDER)
     if mode is not None:
         from .distributed import load_distributed, parse_split

@@ -51,20 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # before the library's imports: --help answers at once
     from .display import CanvasView
     from .text_generation import print_stats, stream_generate
 
-    args = build_parser().parse_args(argv)
     try:
         check_positive_flags(args)
         model, tokenizer = load_for_cli(args.model, args.adapter_path, args)
         prompt = args.prompt
         if prompt == "-":
             prompt = sys.stdin.read()
-        if prompt is None:
+        if args.model is None:  # the bundled demo: say when the prompt is not one of its problems
             from . import demo
 
-            prompt = demo.DEFAULT_PROMPT if args.model is None else "hello"
+            prompt = demo.DEFAULT_PROMPT if prompt is None else prompt
+            note = demo.out_of_range(prompt)
+            if note:
+                print(note, file=sys.stderr)
+        elif prompt is None:
+            prompt = "hello"
         view = CanvasView() if args.show_canvas else None
         overrides = {k: getattr(args, k) for k in SAMPLER_FLAGS}
         last, started = None, False

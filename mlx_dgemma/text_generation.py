@@ -191,7 +191,8 @@ def print_stats(r: GenerationResponse, file=None):
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
     per_token = r.position_visits / max(r.generation_tokens, 1)
-    print(f"Diffusion: {r.canvases} canvases, {r.denoising_steps} steps, {r.tokens_per_forward:.2f} tokens/forward, "
+    canvases = f"{r.canvases} canvas" + ("" if r.canvases == 1 else "es")
+    print(f"Diffusion: {canvases}, {r.denoising_steps} steps, {r.tokens_per_forward:.2f} tokens/forward, "
           f"{per_token:.1f} visits/token", file=file)
 
 
