@@ -15,8 +15,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import backend
 from .config import ModelArgs, SamplerConfig, read_json
-from .convert import make_plan, source_dtype
+from .conversion_plan import make_plan, source_dtype
 from .cpu import keep_buffers
 from .model import VISION_PREFIXES, checkpoint_name, widen_cpu_experts
 from .quantize import apply_to_model
@@ -79,7 +80,7 @@ def load_shard(folder: Path, group, mode: str, split: list[float] | None = None)
     if config.get("quantization"):
         apply_to_model(model, config["quantization"], weights)
     model.load_weights(list(weights.items()), strict=True)
-    if mx.default_device() == mx.cpu:
+    if backend.on_cpu():
         widen_cpu_experts(_Layers([model.layers[i] for i in layers]))
     model.sampler_defaults = SamplerConfig.from_folder(folder, args)
     model.eval()
@@ -120,7 +121,7 @@ def _agree(group, error: BaseException | None):
 def load_distributed(path: str, mode: str, split: list[float] | None = None, group=None):
     """`(model, tokenizer)` on rank 0. On every other rank this serves rank 0 and then ends the process, so the
     command line that called it carries on as rank 0 only (the rank that prints and serves)."""
-    from .convert import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
     from .tokenizer import load_tokenizer
 
     group = group or init_group()

@@ -44,7 +44,7 @@ def build_parser():
 
 def _folder(model_path: str | None) -> Path:
     from .. import demo
-    from ..convert import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
 
     return demo.FOLDER if model_path is None else resolve_checkpoint(model_path)
 
