@@ -169,10 +169,11 @@ def main():
         ranks = results[label]
         r0 = ranks[0]
         count = protocol_bytes(mode, shape["layers"], shape["hidden"], shape["canvas"], 4)
+        weights = " / ".join(f"{r['weights_gb']:.2f}" for r in ranks)
+        peaks = " / ".join(f"{r['peak_gb']:.2f}" for r in ranks)
+        same = "yes" if r0["tokens"] == base["tokens"] else "NO"
         print(f"| {label} | {r0['step_ms']:.0f} | {base['step_ms'] / r0['step_ms']:.2f}x | "
-              f"{r0['lo_bytes_per_step'] / 1e6:.2f} MB | {count / 1e6:.2f} MB | "
-              f"{' / '.join(f'{r['weights_gb']:.2f}' for r in ranks)} | {' / '.join(f'{r['peak_gb']:.2f}' for r in ranks)} | "
-              f"{'yes' if r0['tokens'] == base['tokens'] else 'NO'} |")
+              f"{r0['lo_bytes_per_step'] / 1e6:.2f} MB | {count / 1e6:.2f} MB | {weights} | {peaks} | {same} |")
     print("\nEstimate (not measured): two Macs over Thunderbolt (TCP, ~3 GB/s one way, ~0.2 ms per collective), "
           "the released model (30 layers, hidden 2816, canvas 256, bf16):")
     for label, mode in RUNS[1:]:

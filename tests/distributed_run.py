@@ -1,6 +1,6 @@
 """What each rank runs in tests/test_distributed.py (started by `mlx.launch -n 2`). Rank 0 prints one JSON line.
 
-    parity MODE FOLDER   the sharded model against a single-process load of the same folder, in rank 0
+    parity MODE:FOLDER...  for each, the sharded model against a single-process load of the folder, in rank 0
     missing FOLDER       rank 1 is given a folder that does not exist
     die FOLDER           rank 1 dies during the first decoder pass of `python -m mlx_dgemma.generate`
 """
@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 mx.set_default_device(mx.cpu)
 
 from mlx_dgemma.diffusion import generate_tokens  # noqa: E402
-from mlx_dgemma.distributed import ShardedModel, load_distributed  # noqa: E402
+from mlx_dgemma.distributed import ShardedModel, load_shard  # noqa: E402
 from mlx_dgemma.loading import load_model  # noqa: E402
 
 
@@ -30,13 +30,25 @@ def gather_sizes(model):
     return mx.distributed.all_gather(mx.array([[part_bytes(model, "layers"), part_bytes(model, "experts")]])).tolist()
 
 
-def parity(mode, folder):
+def parity(*runs):
+    """One launch for several (mode, folder) runs: each rank loads its part, the others serve until rank 0 is
+    done with that model and closes it, then the next."""
     group = mx.distributed.init()
-    serve = ShardedModel.serve
-    ShardedModel.serve = lambda self: (gather_sizes(self), serve(self))  # the other ranks
-    model, _ = load_distributed(folder, mode)  # only rank 0 returns
-    sizes = gather_sizes(model)
-    single = load_model(folder)
+    results = {}
+    for run in runs:
+        mode, folder = run.split(":", 1)
+        model = load_shard(folder, group, mode)
+        sizes = gather_sizes(model)
+        if group.rank() != 0:
+            model.serve()
+            continue
+        results[run] = compare(model, load_model(folder), sizes)
+        model.close()
+    if group.rank() == 0:
+        print(json.dumps({"size": group.size(), "runs": results}), flush=True)
+
+
+def compare(model, single, sizes) -> dict:
     prompt = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
     canvas = mx.array([list(range(20, 20 + model.args.canvas_length))])
     logits = {}
@@ -49,15 +61,14 @@ def parity(mode, folder):
         name: generate_tokens(m, [[3, 4, 5, 6, 7], [8, 9]], max_tokens=24, seed=3)  # a batch, one row padded
         for name, m in (("sharded", model), ("single", single))
     }
-    print(json.dumps({
-        "size": group.size(),
+    return {
         "max_abs_diff": float(np.abs(logits["sharded"] - logits["single"]).max()),
         "generated": generated,
         "layer_bytes": [row[0] for row in sizes],
         "expert_bytes": [row[1] for row in sizes],
         "single_layer_bytes": part_bytes(single, "layers"),
         "single_expert_bytes": part_bytes(single, "experts"),
-    }), flush=True)
+    }
 
 
 def missing(folder):

@@ -66,31 +66,34 @@ def tiny_q4(tiny, tmp_path_factory):
                               q_group_size=32, verbose=False)
 
 
-def check_parity(result, out, exact: bool):
-    assert result is not None, out[-3000:]
-    assert result["size"] == 2
-    if exact:  # the same arithmetic in the same order, only split across processes
-        assert result["max_abs_diff"] == 0.0
-    else:  # each rank sums its experts' share, then all_sum adds the shares
-        assert result["max_abs_diff"] < 1e-4
-    assert result["generated"]["sharded"] == result["generated"]["single"]
-    assert all(len(row) > 0 for row in result["generated"]["sharded"])
+@pytest.fixture(scope="module")
+def parity_runs(tiny, tiny_q4):
+    """One two-rank launch: pipeline (float32), experts-parallel (float32 and 4-bit), each against one process."""
+    runs = {"pipeline": f"pipeline:{tiny[0]}", "experts": f"experts:{tiny[0]}", "experts-4bit": f"experts:{tiny_q4}"}
+    code, result, out = launch("parity", *runs.values())
+    assert code == 0 and result is not None and result["size"] == 2, out[-3000:]
+    return {name: result["runs"][run] for name, run in runs.items()}
 
 
-def test_pipeline_matches_one_process_and_halves_the_layers(tiny):
-    code, result, out = launch("parity", "pipeline", tiny[0])
-    assert code == 0, out[-3000:]
-    check_parity(result, out, exact=True)
-    assert sum(result["layer_bytes"]) == result["single_layer_bytes"]
-    assert all(abs(b / result["single_layer_bytes"] - 0.5) < 0.1 for b in result["layer_bytes"])
+def check_generation(run):
+    assert run["generated"]["sharded"] == run["generated"]["single"]
+    assert all(len(row) > 0 for row in run["generated"]["sharded"])
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
-def test_experts_parallel_matches_one_process_and_halves_the_experts(tiny, tiny_q4, quantized):
-    code, result, out = launch("parity", "experts", tiny_q4 if quantized else tiny[0])
-    assert code == 0, out[-3000:]
-    check_parity(result, out, exact=False)
-    assert result["expert_bytes"] == [result["single_expert_bytes"] // 2] * 2
+def test_pipeline_matches_one_process_and_halves_the_layers(parity_runs):
+    run = parity_runs["pipeline"]
+    assert run["max_abs_diff"] == 0.0  # the same arithmetic in the same order, only split across processes
+    check_generation(run)
+    assert sum(run["layer_bytes"]) == run["single_layer_bytes"]
+    assert all(abs(b / run["single_layer_bytes"] - 0.5) < 0.1 for b in run["layer_bytes"])
+
+
+@pytest.mark.parametrize("name", ["experts", "experts-4bit"])
+def test_experts_parallel_matches_one_process_and_halves_the_experts(parity_runs, name):
+    run = parity_runs[name]
+    assert run["max_abs_diff"] < 1e-4  # each rank sums its experts' share, then all_sum adds the shares
+    check_generation(run)
+    assert run["expert_bytes"] == [run["single_expert_bytes"] // 2] * 2
 
 
 def test_a_folder_missing_on_one_rank_is_named(tiny):
