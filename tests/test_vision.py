@@ -69,13 +69,18 @@ def test_position_table_is_read_by_x_then_y(vision_ref):
 
 
 def test_vision_weights_load_from_a_converted_folder(vision_ref, tmp_path):
+    """Converted, and converted with -q (the recipe quantizes the text stack only: the tower stays as it was)."""
+    import json
+
     import mlx_dgemma
 
     folder, ref, encoder = vision_ref
-    out = mlx_dgemma.convert(str(folder), str(tmp_path / "mlx"), verbose=False)
-    converted = load_vision(out)
     image = [synthetic(24, 16, seed=4)]
-    assert err(converted.features(image), encoder.features(image)) == 0.0
+    for name, options in (("plain", {}), ("quantized", {"quantize": True, "q_group_size": 32})):
+        out = mlx_dgemma.convert(str(folder), str(tmp_path / name), verbose=False, **options)
+        quantization = json.loads((out / "config.json").read_text()).get("quantization", {})
+        assert not [k for k in quantization if k.startswith(("vision_tower", "embed_vision"))]
+        assert err(load_vision(out).features(image), encoder.features(image)) == 0.0, name
 
 
 def test_folder_without_vision_weights_has_no_encoder(tmp_path):
