@@ -73,6 +73,21 @@ def test_chat_streaming_equals_non_streaming(client):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_drafts_only_in_the_extension_field(server):
+    body = {"messages": [{"role": "user", "content": "draw"}], "seed": 9, "max_tokens": 40}
+    whole = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60).json()
+    drafts, content = [], ""
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json={**body, "stream": True, "drafts": True},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                drafts += [delta["x_diffusion_draft"]] if "x_diffusion_draft" in delta else []
+                content += delta.get("content") or ""
+    assert len(drafts) >= 2  # one per denoising step
+    assert content == (whole["choices"][0]["message"]["content"] or "")  # drafts change nothing committed
+
+
 def test_completions_and_seeds(client):
     a = client.completions.create(model="m", prompt="abc", seed=5, max_tokens=20)
     b = client.completions.create(model="m", prompt="abc", seed=5, max_tokens=20)
@@ -337,6 +352,15 @@ def test_disconnect_mid_stream_frees_the_row(server, client, monkeypatch, folder
     assert seen["canvases"] < 300 // server[1].context.canvas_length  # it stopped long before its budget
     monkeypatch.undo()
     assert chat(client, "still there?", max_tokens=4).usage.completion_tokens <= 4
+
+
+def test_disconnect_while_waiting_for_a_whole_reply(server, monkeypatch, folder):
+    seen = endless(monkeypatch, folder[1]["a"])
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 300}
+    with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+        httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=0.5)
+    _wait_idle(server[0])
+    assert seen["canvases"] < 300 // server[1].context.canvas_length  # cancelled, not run to its budget
 
 
 def test_queue_overflow_gets_429(loaded, folder, monkeypatch):
