@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 1
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     app = create_app(state, api_key=args.api_key, allowed_origins=origins)
     state.scheduler.start()
