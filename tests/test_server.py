@@ -416,3 +416,40 @@ def test_images(client, server, monkeypatch):
         monkeypatch.setattr(server[1].context, "vision", None)  # as for a text-only model
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}]})
         assert r.status_code == 400 and r.json()["error"]["message"] == "images not supported by this model"
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def test_command_line_serves_the_demo_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from server_fixtures import free_port
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    bad = subprocess.run([sys.executable, "-m", "mlx_dgemma.server", "--max-concurrency", "0"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--max-concurrency must be positive" in bad.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_dgemma.server", "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                health = httpx.get(url + "/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert health["model"] == "mlx_dgemma-demo"  # no --model: the bundled demo model
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="whatever", messages=[{"role": "user", "content": "sort 7 2 9 4 1"}], seed=1)
+        assert reply.choices[0].message.content == "1 2 4 7 9"
+    finally:
+        proc.terminate()
+        proc.wait(30)
