@@ -39,7 +39,7 @@ def endless_folder(chat_folder, tmp_path_factory):
     for f in chat_folder.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     gen = json.loads((folder / "generation_config.json").read_text())
-    gen.pop("eos_token_id")
+    gen["eos_token_id"] = []  # none at all (a missing or null entry falls back to config.json's EOS)
     (folder / "generation_config.json").write_text(json.dumps(gen))
     return folder
 
