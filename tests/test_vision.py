@@ -186,6 +186,14 @@ def test_bad_images_name_the_problem(tmp_path):
         process_image("data:image/png;base64,@@@", settings)
     with pytest.raises(ImageError, match="remote URLs are not fetched"):
         process_image("https://example.com/a.png", settings)
+    huge = tmp_path / "huge.png"
+    random_image(40, 40, seed=8).save(huge)
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 100  # Pillow refuses images over twice its limit
+    try:
+        with pytest.raises(ImageError, match="huge.png: too large to decode safely"):
+            process_image(huge, settings)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def test_both_backend_profiles_give_the_reference_features(vision_ref):

@@ -130,6 +130,8 @@ def open_image(source):
         image.load()  # decode now: a truncated file fails here, not deep inside the model
     except UnidentifiedImageError:
         raise ImageError(f"image {name}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image {name}: too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"image {name}: cannot be decoded ({e})") from None
     return image
