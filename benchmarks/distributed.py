@@ -118,7 +118,8 @@ def child(mode: str, folder: str, out_dir: str, steps: int):
         model.close()
     report(model, {"step_ms": statistics.median(step_ms), "steps": len(marks) - 1, "lo_bytes_per_step": per_step,
                    "tokens": tokens, "args": {"layers": model.args.num_hidden_layers,
-                                              "hidden": model.args.hidden_size, "canvas": model.args.canvas_length}})
+                                              "hidden": model.args.hidden_size, "canvas": model.args.canvas_length,
+                                              "vocab": model.args.vocab_size}})
 
 
 def free_port() -> int:
@@ -150,17 +151,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--checkpoint", help="Bench checkpoint folder (built if missing).")
+    p.add_argument("--layers", type=int, default=6, help="Layers of the bench checkpoint built (default 6).")
+    p.add_argument("--vocab-size", type=int, help="Vocabulary of the bench checkpoint built (default the bench's).")
     p.add_argument("--json", help="Write the results here.")
     p.add_argument("--child", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(*a.child, a.steps)
-    folder = ensure_bench_checkpoint(a.checkpoint)
+    folder = ensure_bench_checkpoint(a.checkpoint, layers=a.layers,
+                                     **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
     results = {label: run(mode, folder, a.steps) for label, mode in RUNS}
     base = results[RUNS[0][0]][0]
     shape = base["args"]
     print(f"bench checkpoint {folder} ({shape['layers']} layers, hidden {shape['hidden']}, canvas {shape['canvas']}, "
-          f"float32); {a.steps} steps, medians of the last {a.steps - 1}; machine {machine_info()}")
+          f"vocab {base['args']['vocab']}, float32); {a.steps} steps, medians of the last {a.steps - 1}; machine {machine_info()}")
     print(f"GEMM rate (1024^3 float32, rank 0): {base['gemm_gflops']:.1f} GFLOP/s")
     print("| run | step ms | vs 1 process | loopback bytes/step | protocol bytes/step | weights GB per rank | "
           "peak GB per rank | tokens = 1 process |")
