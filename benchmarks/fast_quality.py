@@ -135,9 +135,37 @@ def measure(task_set: TaskSet, per_task: int, batch_size: int, seed: int, column
         else:
             rows = run_ours(model, prompts, batch_size, seed, column, levers)
         result["seconds"][column] = time.perf_counter() - start
+        result.setdefault("commits", {})[column] = _commit()
         result["columns"][column] = score(problems, rows, task_set, tokenizer, stop)
         print(f"[{task_set.name}] {column}: {result['seconds'][column]:.0f} s", file=sys.stderr, flush=True)
     return result
+
+
+def _commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("+changes" if dirty else "")
+
+
+def merge(results: list[dict]) -> list[dict]:
+    """One result per model: columns measured in later runs (e.g. the fast sampler after a change) replace
+    earlier ones; each column keeps the commit it was measured at."""
+    out: dict[str, dict] = {}
+    for r in results:
+        if r["model"] not in out:
+            out[r["model"]] = json.loads(json.dumps(r))
+            continue
+        m = out[r["model"]]
+        if r["per_task"] != m["per_task"]:
+            raise ValueError(f"{r['model']}: runs with {m['per_task']} and {r['per_task']} problems per task")
+        for key in ("columns", "seconds", "commits"):
+            m.setdefault(key, {}).update(r.get(key, {}))
+        if "fast" in r["columns"]:
+            m["fast_levers"] = r["fast_levers"]
+    return list(out.values())
 
 
 def _transformers_rows(folder, prompts, batch_size, seed, pad_id, canvas):
@@ -189,7 +217,8 @@ def table(result: dict) -> str:
 def section(results: list[dict], machine: str, commit: str, command: str) -> str:
     parts = [f"""{SECTION}
 
-`benchmarks/fast_quality.py` ({machine}; commit {commit}; {time.strftime('%Y-%m-%d')}): held-out problems never
+`benchmarks/fast_quality.py` ({machine}; written at commit {commit}, each column's own commit below;
+{time.strftime('%Y-%m-%d')}): held-out problems never
 trained on, the same prompts and per-batch seeds for every column. Accuracy is exact match (± one standard error),
 tokens per forward the reference's definition, steps the decoder passes per problem, visits/token the decoder
 positions computed per emitted token (answer + EOS; autoregressive decoding is 1). `transformers` is the
@@ -206,7 +235,9 @@ Command: `{command}`
 Sampler settings (the model's generation_config.json): {s['max_denoising_steps']} steps, entropy bound
 {s['entropy_bound']}, temperature {s['t_max']} -> {s['t_min']}, batches of {r['batch_size']}, seed {r['seed']} + batch
 offset. Fast levers: `{json.dumps(r['fast_levers'], sort_keys=True)}`.
-Wall time (2-core CPU shared with other jobs): {', '.join(f'{c} {s_:.0f} s' for c, s_ in r['seconds'].items())}.
+Wall time (2-core CPU shared with other jobs): {', '.join(f'{c} {s_:.0f} s' for c, s_ in r['seconds'].items())};
+commits: {', '.join(f'{c} {k}' for c, k in r.get('commits', {}).items())}
+({r.get('gemm', 'GEMM rate not recorded')}).
 
 {table(r)}
 """)
@@ -228,7 +259,7 @@ def main(argv=None):
     p.add_argument("--from-json", nargs="+", help="Tables from earlier --json runs instead of measuring.")
     p.add_argument("--write", action="store_true", help="Update the section in BENCHMARKS.md.")
     a = p.parse_args(argv)
-    from benchmarks.common import machine_info
+    from benchmarks.common import machine_info, print_gemm_rate
 
     sets = task_sets()
     for name, folder in a.model_folder:
@@ -236,14 +267,14 @@ def main(argv=None):
             p.error(f"--model-folder {name}: choose demo or long")
         sets[name].folder = Path(folder).resolve()
     if a.from_json:
-        results = [r for f in a.from_json for r in json.loads(Path(f).read_text())]
+        results = merge([r for f in a.from_json for r in json.loads(Path(f).read_text())])
     else:
-        results = []
+        results, gemm = [], print_gemm_rate()  # accuracy does not depend on it; the wall times below do
         for name in a.models:
             if not (sets[name].folder / "config.json").is_file():
                 p.error(f"{sets[name].folder}: no model (train it with examples/train_long.py)")
             size = a.batch_size or (100 if name == "demo" else 50)
-            results.append(measure(sets[name], a.per_task, size, a.seed, a.columns, a.fast_levers))
+            results.append({**measure(sets[name], a.per_task, size, a.seed, a.columns, a.fast_levers), "gemm": gemm})
             if a.json:
                 Path(a.json).write_text(json.dumps(results, indent=2))
     ok = True
