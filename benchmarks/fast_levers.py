@@ -29,22 +29,22 @@ from benchmarks.demo_accuracy import held_out, strip  # noqa: E402
 
 OFF = dict(top_k=None, gathered_sc=False, freeze=False, confirm=False, compact=False, eos_cut=False)
 
-#: name -> FastSamplerConfig fields (None: the reference sampler). Each lever alone on top of the reference's
-#: rules, then the monotone-commit family built up one lever at a time, then the shipped default and variants.
+#: name -> FastSamplerConfig fields (None: the reference sampler): the monotone-commit family built up one lever at
+#: a time, the shipped default (those plus top-64 statistics and gathered self-conditioning) and variants, then
+#: levers alone on top of the reference's rules.
 LEVERS = {
     "reference": None,
-    "top_k=8": dict(OFF, top_k=8),
-    "top_k=8+gathered_sc": dict(OFF, top_k=8, gathered_sc=True),
-    "argmax_commit": dict(OFF, argmax_commit=True),
     "freeze": dict(OFF, freeze=True),
     "freeze+confirm": dict(OFF, freeze=True, confirm=True),
     "freeze+confirm+compact": dict(OFF, freeze=True, confirm=True, compact=True),
-    "freeze+compact": dict(OFF, freeze=True, compact=True),
-    "freeze+compact+eos_cut": dict(OFF, freeze=True, compact=True, eos_cut=True),
+    "freeze+confirm+compact+eos_cut": dict(OFF, freeze=True, confirm=True, compact=True, eos_cut=True),
     "default": {},
-    "default,top_k=8": dict(top_k=8),
+    "default+top_k=8": dict(top_k=8),
     "default+step_cap=8": dict(step_cap=8),
     "default+step_cap=8+repair": dict(step_cap=8, repair=True),
+    "top_k=8": dict(OFF, top_k=8),
+    "top_k=8+gathered_sc": dict(OFF, top_k=8, gathered_sc=True),
+    "argmax_commit": dict(OFF, argmax_commit=True),
 }
 
 
@@ -101,8 +101,12 @@ def main(argv=None):
     p.add_argument("--per-task", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="Also write the raw numbers here.")
+    p.add_argument("--json", help="Also write the raw numbers here (after every row).")
+    p.add_argument("--from-json", help="Print the table of an earlier --json run.")
     a = p.parse_args(argv)
+    if a.from_json:
+        print(table(json.loads(Path(a.from_json).read_text())["results"]))
+        return 0
     import mlx_dgemma
     from mlx_dgemma import demo
 
@@ -122,9 +126,9 @@ def main(argv=None):
         results[name] = dict(levers=LEVERS[name], seconds=time.perf_counter() - start,
                              tasks=summarize(problems, outputs, rows, tokenizer, stop))
         print(f"[{name}] {results[name]['seconds']:.0f} s", file=sys.stderr)
+        if a.json:  # after every row: a long run can be read (or stopped) part way
+            Path(a.json).write_text(json.dumps(dict(per_task=a.per_task, seed=a.seed, results=results), indent=1))
     print(table(results))
-    if a.json:
-        Path(a.json).write_text(json.dumps(dict(per_task=a.per_task, seed=a.seed, results=results), indent=1))
     return 0
 
 

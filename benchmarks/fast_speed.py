@@ -136,14 +136,17 @@ def replay(model, canvas, recorded: dict, step, encoded_prompt) -> dict:
                 / max(sum(g.get("reference_tokens", 0) for g in gens), 1))
 
 
-def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: str = "") -> dict:
-    """Run the fast sampler (batch 1) on a trained model; per generation, each canvas's per-step shapes."""
+def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: str = "", weights: str | None = None) -> dict:
+    """Run the fast sampler (batch 1) on a trained model (`weights`: a training checkpoint's weights over the
+    folder's); per generation, each canvas's per-step shapes, and the reference sampler's steps and visits."""
     import mlx.core as mx
 
     import mlx_dgemma
     from mlx_dgemma.diffusion import Canvas, DiffusionStats, RandomSource, cut_at_eos, diffuse, prefill, resolve_settings
 
     model, _ = mlx_dgemma.load(model_folder)
+    if weights:
+        model.load_weights(list(mx.load(weights).items()), strict=False)
     out = []
     for i, ids in enumerate(prompts):
         row = {}
@@ -173,7 +176,10 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("record", help="per-step shapes of the fast sampler on a trained model")
     r.add_argument("--model", required=True)
-    r.add_argument("--prompts", required=True, help="a JSON list of prompt strings (rendered with the chat template)")
+    r.add_argument("--weights", help="a training checkpoint's weights (safetensors) over the folder's")
+    r.add_argument("--prompts", required=True,
+                   help="a JSON list of prompt strings, or a .jsonl file of {\"prompt\": ...} rows (chat template applied)")
+    r.add_argument("--limit", type=int, help="at most this many prompts")
     r.add_argument("--out", required=True)
     r.add_argument("--seed", type=int, default=0)
     sub.add_parser("floor", help="the GEMM rate of this process and the bench checkpoint's FLOPs per step")
@@ -182,9 +188,12 @@ def main(argv=None):
         import mlx_dgemma
 
         _, tokenizer = mlx_dgemma.load(a.model)
-        texts = json.loads(Path(a.prompts).read_text())
+        text = Path(a.prompts).read_text()
+        texts = ([json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+                 if a.prompts.endswith(".jsonl") else json.loads(text))[: a.limit]
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-        Path(a.out).write_text(json.dumps(record(a.model, prompts, a.seed), indent=1))
+        source = f"{a.model}" + (f" + {a.weights}" if a.weights else "") + f", {len(prompts)} prompts of {a.prompts}"
+        Path(a.out).write_text(json.dumps(record(a.model, prompts, a.seed, source, a.weights), indent=1))
         print(f"wrote {a.out}")
     else:
         from mlx_dgemma.config import ModelArgs

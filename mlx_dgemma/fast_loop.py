@@ -3,9 +3,14 @@
 Same schedule and acceptance rule as the reference (temperature t_max -> t_min over the steps, entropy-bound
 acceptance of the lowest-entropy positions), with the levers of `FastSamplerConfig`, each on its own switch:
 statistics over the top K (`fast_sampler.top_k_statistics`), self-conditioning gathered from the top-K rows,
-monotone commit (`freeze`), only live positions through the decoder (`compact.denoise_positions`), the EOS tail
-cut, and a step cap with a repair pass. Without `freeze` the loop keeps the reference's rules (every position
-re-decided each step, re-noised unless accepted, stop when stable and confident, the argmax canvas is the output).
+monotone commit (`freeze`: committed positions are never re-noised or re-decided; with `confirm`, a position is
+committed at its second acceptance in a row, when its argmax is the token it was given), only open positions
+through the decoder (`compact.denoise_positions`), positions after a held end-of-generation id skipped
+(`eos_cut`), and a step cap with a repair pass. The reference's stop rule still ends a canvas early: once the
+canvas's argmax is stable and its mean entropy below the confidence threshold, every open position takes its
+argmax. Without `freeze` the loop keeps the reference's rules entirely (every position re-decided each step,
+re-noised unless accepted, the argmax canvas is the output), so `top_k`, `gathered_sc` and `argmax_commit` can
+be measured alone.
 
 Each step is one lazy graph, evaluated once; the one host read per step returns the stop flag and the number of
 positions the next step must compute (its shape bucket), plus the draft canvas when asked for.
