@@ -39,6 +39,7 @@ LEVERS = {
     "freeze+confirm+compact": dict(OFF, freeze=True, confirm=True, compact=True),
     "freeze+confirm+compact+eos_cut": dict(OFF, freeze=True, confirm=True, compact=True, eos_cut=True),
     "default": {},
+    "default-eos_cut_pending": dict(eos_cut_pending=False),
     "default+top_k=8": dict(top_k=8),
     "default+step_cap=8": dict(step_cap=8),
     "default+step_cap=8+repair": dict(step_cap=8, repair=True),
@@ -86,6 +87,9 @@ def table(results: dict) -> str:
     for name, r in results.items():
         cells = []
         for t in demo_tasks.TASKS:
+            if t not in r["tasks"]:
+                cells.append("")
+                continue
             x = r["tasks"][t]
             diff = f" ({100 * (x['accuracy'] - ref['tasks'][t]['accuracy']):+.1f})" if ref and name != "reference" else ""
             cells.append(f"{100 * x['accuracy']:.1f}%{diff} / {x['tpf']:.2f} / {x['passes']:.1f} / "
@@ -99,6 +103,7 @@ def main(argv=None):
     p.add_argument("--model", help="An MLX model folder trained on the demo tasks. Default: the bundled demo model.")
     p.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated names of {list(LEVERS)}")
     p.add_argument("--per-task", type=int, default=300)
+    p.add_argument("--tasks", default=",".join(demo_tasks.TASKS), help="comma-separated, of " + ",".join(demo_tasks.TASKS))
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="Also write the raw numbers here (after every row).")
@@ -115,7 +120,8 @@ def main(argv=None):
     if unknown:
         p.error(f"--levers: unknown {unknown} (known: {list(LEVERS)})")
     model, tokenizer = mlx_dgemma.load(a.model or demo.FOLDER)
-    problems = held_out(a.per_task, a.seed)
+    tasks = [t for t in a.tasks.split(",") if t]
+    problems = [r for r in held_out(a.per_task, a.seed) if demo_tasks.task_of(r["prompt"]) in tasks]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in problems]
     settings = model.sampler_defaults
     stop = set(settings.eos_token_ids) | {settings.pad_token_id}

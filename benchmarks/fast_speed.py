@@ -5,11 +5,14 @@ machine's GEMM rate and the FLOP floor. `benchmarks/generate.py` runs it beside 
     python benchmarks/fast_speed.py floor                                     # GEMM rate, FLOPs per step
 
 Random weights never converge, so the bench checkpoint cannot show how many positions stay live step after step.
-`record` runs the fast sampler on a trained canvas-256 model over held-out prompts and writes, per generation,
-the number of positions each step ran through the decoder (its shape bucket), the canvases and the emitted tokens.
-`fast_worker` then times, on the bench checkpoint, one fast step at each live count, and the whole recorded
-workload replayed: the prompt's encoding, every recorded step at its recorded shape, and the encoding of each
-committed canvas but the last, against the recorded emitted tokens.
+`record` runs the fast sampler (and the reference sampler) on a trained canvas-256 model over held-out prompts and
+writes, per generation, the number of positions each step ran through the decoder (its shape bucket), the
+canvases and the emitted tokens. `fast_worker` then times, on the bench checkpoint, one fast step at each live
+count and at every shape the trace holds, a canvas's first step, the prompt's encoding and a canvas's encoding,
+and replays the recorded workload from those times: the prompt's encoding, every recorded step at its recorded
+shape and the encoding of each committed canvas but the last, against the recorded emitted tokens. (Composing
+from per-shape times rather than running every step keeps the run short on a shared 2-core machine; a step's cost
+depends only on its shape, since every step builds and evaluates its graph afresh.)
 """
 
 from __future__ import annotations
@@ -93,47 +96,54 @@ def fast_worker(checkpoint: str, prompt_len: int = 64, live=LIVE, trace: str | N
 
     cache = encoded_prompt()
     first = step(cache, None, C)
-    per_live, cpu_live = {}, {}
-    for count in live:
+    recorded = json.loads(Path(trace).read_text()) if trace else None
+    shapes = sorted({int(s) for s in live} | ({s for g in recorded["generations"] for c in g["canvas_shapes"] for s in c}
+                                              if recorded else set()), reverse=True)
+    per_shape, cpu_shape = {}, {}
+    for count in shapes:
         step(cache, first, count)  # warm-up: the shape's first graph
         times = [common.time_call_cpu(lambda: step(cache, first, count)) for _ in range(repeats)]
-        per_live[str(count)] = common.summarize([w for w, _ in times])
-        cpu_live[str(count)] = common.summarize([c for _, c in times])
-    out = dict(peer="mlx_dgemma fast", step_ms_by_live=per_live, step_cpu_ms_by_live=cpu_live,
-               gemm_gflops=round(blas.gemm_rate(), 1), loadavg=common.loadavg(), machine=common.machine_info())
-    if trace:
-        out["replay"] = replay(model, canvas, json.loads(Path(trace).read_text()), step, encoded_prompt)
+        per_shape[count] = common.summarize([w for w, _ in times])
+        cpu_shape[count] = common.summarize([c for _, c in times])
+    first_ms = common.summarize([common.time_call(lambda: step(cache, None, C)) for _ in range(repeats)])
+    prefill_ms = common.summarize([common.time_call(encoded_prompt) for _ in range(repeats)])
+
+    def encode():
+        c = encoded_prompt()
+        model.encode(canvas, c)
+        mx.eval(c.state())
+
+    encode_ms = max(common.summarize([common.time_call(encode) for _ in range(repeats)])["median"]
+                    - prefill_ms["median"], 0.0)
+    out = dict(peer="mlx_dgemma fast", step_ms_by_live={str(k): per_shape[k] for k in live},
+               step_cpu_ms_by_live={str(k): cpu_shape[k] for k in live},
+               step_ms_by_shape={str(k): v["median"] for k, v in per_shape.items()}, first_step_ms=first_ms,
+               prefill_ms=prefill_ms, encode_canvas_ms=round(encode_ms, 1), gemm_gflops=round(blas.gemm_rate(), 1),
+               loadavg=common.loadavg(), machine=common.machine_info())
+    if recorded:
+        out["replay"] = replay(recorded, out)
     return out
 
 
-def replay(model, canvas, recorded: dict, step, encoded_prompt) -> dict:
-    """The recorded generations' steps at their recorded shapes, timed end to end (prompt and canvas encodes
-    included); tokens per second against the recorded emitted tokens."""
-    import mlx.core as mx
-
-    total_s, tokens, steps = 0.0, 0, 0
+def replay(recorded: dict, timed: dict) -> dict:
+    """The recorded generations composed from the measured times: per generation the prompt's encoding, each
+    canvas's first step (every position) and its later steps at their recorded shapes, and the encoding of each
+    committed canvas but the last; tokens per second against the recorded emitted tokens."""
+    shape_ms, total_ms, tokens, steps = timed["step_ms_by_shape"], 0.0, 0, 0
     for g in recorded["generations"]:
-        t = time.perf_counter()
-        cache = encoded_prompt()
-        for i, shapes in enumerate(g["canvas_shapes"]):
-            if i:
-                model.encode(canvas, cache)
-                mx.eval(cache.state())
-            state = None
-            for shape in shapes:
-                state = step(cache, state, shape)
-        total_s += time.perf_counter() - t
+        total_ms += timed["prefill_ms"]["median"] + (g["canvases"] - 1) * timed["encode_canvas_ms"]
+        for shapes in g["canvas_shapes"]:
+            total_ms += timed["first_step_ms"]["median"] + sum(shape_ms[str(s)] for s in shapes[1:])
+            steps += len(shapes)
         tokens += g["tokens"]
-        steps += sum(map(len, g["canvas_shapes"]))
     gens = recorded["generations"]
-    return dict(generations=len(gens), tokens=tokens, steps=steps, seconds=round(total_s, 2),
-                tok_s=round(tokens / total_s, 2), source=recorded.get("source"),
+    ref_tokens = sum(g.get("reference_tokens", 0) for g in gens)
+    return dict(generations=len(gens), tokens=tokens, steps=steps, seconds=round(total_ms / 1e3, 2),
+                tok_s=round(tokens / (total_ms / 1e3), 2), source=recorded.get("source"),
                 visits_per_token=sum(g["visits"] for g in gens) / max(tokens, 1),
                 reference_steps=sum(g.get("reference_steps", 0) for g in gens),
-                reference_canvases=sum(g.get("reference_canvases", 0) for g in gens),
-                reference_tokens=sum(g.get("reference_tokens", 0) for g in gens),
-                reference_visits_per_token=sum(g.get("reference_visits", 0) for g in gens)
-                / max(sum(g.get("reference_tokens", 0) for g in gens), 1))
+                reference_canvases=sum(g.get("reference_canvases", 0) for g in gens), reference_tokens=ref_tokens,
+                reference_visits_per_token=sum(g.get("reference_visits", 0) for g in gens) / max(ref_tokens, 1))
 
 
 def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: str = "", weights: str | None = None) -> dict:

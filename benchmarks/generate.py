@@ -169,7 +169,8 @@ def print_fast(results: dict, checkpoint):
     ref_tps = replay["reference_tokens"] / ref_s if ref_s else 0.0
     print(f"\nreplayed workload ({replay['source']}: {replay['generations']} generations, {replay['tokens']} tokens, "
           f"{replay['steps']} fast steps; random weights never converge, so the bench checkpoint replays the "
-          f"per-step live-position counts the fast sampler recorded on the trained model)")
+          f"per-step live-position counts the fast sampler recorded on the trained model, composed from the "
+          f"measured time of each shape)")
     print(f"  fast sampler       {replay['tok_s']:8.1f} tok/s   {replay['visits_per_token']:6.1f} visits/token")
     print(f"  reference sampler  {ref_tps:8.1f} tok/s   {replay['reference_visits_per_token']:6.1f} visits/token   "
           f"(its recorded {replay['reference_steps']} steps x the measured {per_step(ours):.0f} ms/step)")

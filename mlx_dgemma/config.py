@@ -189,7 +189,8 @@ class FastSamplerConfig:
     `compact`: only positions not committed (without `confirm`, plus each just-committed one once more, so its
     keys/values see its token) run through the decoder; the others' keys/values are reused (needs `freeze`).
     `eos_cut`: positions after a
-    committed end-of-generation id are committed as pad and never computed again (needs `freeze`).
+    committed end-of-generation id are not computed, and become pad when the canvas ends (needs `freeze`);
+    `eos_cut_pending`: also after one accepted and awaiting its confirmation (they open again if it is not).
     `argmax_commit`: accepted positions take the argmax rather than the sample. `step_cap`: at most this many
     steps per canvas (the temperature schedule compresses to it), then every open position takes its argmax;
     `repair` recomputes those positions once more against the finished canvas and takes the new argmax.
@@ -201,6 +202,7 @@ class FastSamplerConfig:
     confirm: bool = True
     compact: bool = True
     eos_cut: bool = True
+    eos_cut_pending: bool = True
     argmax_commit: bool = False
     step_cap: int | None = None
     repair: bool = False

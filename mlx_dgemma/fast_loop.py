@@ -145,7 +145,7 @@ def fast_canvas(
             if fast.eos_cut and settings.eos_token_ids:
                 # Positions after an end-of-generation id that is committed, or accepted and awaiting its
                 # confirmation, are not computed; if that id is not confirmed they open again.
-                held = (frozen | pending) & (tokens[..., None] == eos).any(axis=-1)
+                held = (frozen | (pending if fast.eos_cut_pending else False)) & (tokens[..., None] == eos).any(axis=-1)
                 cut = every > mx.min(mx.where(held, every, C), axis=1, keepdims=True)
                 closed, fresh = frozen | cut, fresh & ~cut
                 ended = mx.all(closed, axis=1, keepdims=True) & cut
@@ -178,7 +178,7 @@ def fast_canvas(
         if host[0]:
             if fast.repair and last and fast.freeze and host[1] > 0:
                 repairing, size = True, bucket(host[1], C)
-                done = finished
+                done = finished | ~mx.any(flushed, axis=1)  # only rows the cap flushed run the repair pass
                 continue
             break
         size = bucket(max(host[1], 1), C) if compacting else C
