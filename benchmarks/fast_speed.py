@@ -146,7 +146,8 @@ def replay(recorded: dict, timed: dict) -> dict:
                 reference_visits_per_token=sum(g.get("reference_visits", 0) for g in gens) / max(ref_tokens, 1))
 
 
-def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: str = "", weights: str | None = None) -> dict:
+def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: str = "", weights: str | None = None,
+           levers: dict | None = None, reference: bool = True) -> dict:
     """Run the fast sampler (batch 1) on a trained model (`weights`: a training checkpoint's weights over the
     folder's); per generation, each canvas's per-step shapes, and the reference sampler's steps and visits."""
     import mlx.core as mx
@@ -154,14 +155,17 @@ def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: s
     import mlx_dgemma
     from mlx_dgemma.diffusion import Canvas, DiffusionStats, RandomSource, cut_at_eos, diffuse, prefill, resolve_settings
 
+    from mlx_dgemma.config import FastSamplerConfig
+
     model, _ = mlx_dgemma.load(model_folder)
+    fast = FastSamplerConfig(**{**vars(model.sampler_defaults.fast_sampler), **(levers or {})})
     if weights:
         model.load_weights(list(mx.load(weights).items()), strict=False)
     out = []
     for i, ids in enumerate(prompts):
         row = {}
-        for sampler in ("fast", "reference"):
-            settings = resolve_settings(model, dict(sampler=sampler))
+        for sampler in ("fast", "reference") if reference else ("fast",):
+            settings = resolve_settings(model, dict(sampler=sampler, fast_sampler=fast))
             cache, stats, rng = model.make_cache(), DiffusionStats(), RandomSource(seed + i)
             prefill(model, mx.array([ids]), cache)
             shapes, emitted, seen = [], [], 0
@@ -178,7 +182,8 @@ def record(model_folder: str, prompts: list[list[int]], seed: int = 0, source: s
                 row.update(reference_steps=sum(shapes), reference_canvases=len(shapes), reference_tokens=tokens,
                            reference_visits=visits)
         out.append(row)
-    return dict(source=source or str(model_folder), canvas_length=model.args.canvas_length, generations=out)
+    return dict(source=source or str(model_folder), canvas_length=model.args.canvas_length, levers=vars(fast),
+                generations=out)
 
 
 def main(argv=None):
@@ -190,6 +195,8 @@ def main(argv=None):
     r.add_argument("--prompts", required=True,
                    help="a JSON list of prompt strings, or a .jsonl file of {\"prompt\": ...} rows (chat template applied)")
     r.add_argument("--limit", type=int, help="at most this many prompts")
+    r.add_argument("--fast-levers", type=json.loads, help='FastSamplerConfig fields as JSON, e.g. {"step_cap": 16}')
+    r.add_argument("--no-reference", action="store_true", help="record the fast sampler only")
     r.add_argument("--out", required=True)
     r.add_argument("--seed", type=int, default=0)
     sub.add_parser("floor", help="the GEMM rate of this process and the bench checkpoint's FLOPs per step")
@@ -203,7 +210,8 @@ def main(argv=None):
                  if a.prompts.endswith(".jsonl") else json.loads(text))[: a.limit]
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         source = f"{a.model}" + (f" + {a.weights}" if a.weights else "") + f", {len(prompts)} prompts of {a.prompts}"
-        Path(a.out).write_text(json.dumps(record(a.model, prompts, a.seed, source, a.weights), indent=1))
+        Path(a.out).write_text(json.dumps(record(a.model, prompts, a.seed, source, a.weights, a.fast_levers,
+                                                 not a.no_reference), indent=1))
         print(f"wrote {a.out}")
     else:
         from mlx_dgemma.config import ModelArgs

@@ -191,6 +191,10 @@ class FastSamplerConfig:
     `eos_cut`: positions after a
     committed end-of-generation id are not computed, and become pad when the canvas ends (needs `freeze`);
     `eos_cut_pending`: also after one accepted and awaiting its confirmation (they open again if it is not).
+    `eos_pad`: positions newly past such an id take the pad token and run through the decoder once more, so the
+    others attend to pad there instead of to the noise they last held. `refresh_every`: with `compact`, every
+    this many steps all positions run through the decoder again, committed ones included, so the keys/values
+    kept for them see the canvas as it is now.
     `argmax_commit`: accepted positions take the argmax rather than the sample. `step_cap`: at most this many
     steps per canvas (the temperature schedule compresses to it), then every open position takes its argmax;
     `repair` recomputes those positions once more against the finished canvas and takes the new argmax.
@@ -203,6 +207,8 @@ class FastSamplerConfig:
     compact: bool = True
     eos_cut: bool = True
     eos_cut_pending: bool = True
+    eos_pad: bool = False
+    refresh_every: int | None = None
     argmax_commit: bool = False
     step_cap: int | None = None
     repair: bool = False
@@ -218,8 +224,10 @@ class FastSamplerConfig:
         for name in ("confirm", "compact", "eos_cut"):
             if getattr(self, name) and not self.freeze:
                 bad(name, "needs freeze")
-        if self.step_cap is not None and (not isinstance(self.step_cap, int) or self.step_cap <= 0):
-            bad("step_cap", "must be a positive integer or null")
+        for name in ("step_cap", "refresh_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                bad(name, "must be a positive integer or null")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "generation_config.json") -> "FastSamplerConfig":

@@ -85,9 +85,18 @@ def fast_canvas(
     fill = settings.pad_token_id
     every = mx.broadcast_to(mx.arange(C, dtype=mx.int32), (B, C))
 
+    def past_eos(frozen, pending, tokens):
+        """Positions after an end-of-generation id that is committed, or accepted and awaiting confirmation:
+        not computed while it is held (with `eos_cut`); if it is not confirmed they open again."""
+        if not (fast.eos_cut and settings.eos_token_ids):
+            return mx.zeros((B, C), dtype=mx.bool_)
+        held = (frozen | (pending if fast.eos_cut_pending else False)) & (tokens[..., None] == eos).any(axis=-1)
+        return every > mx.min(mx.where(held, every, C), axis=1, keepdims=True)
+
     tokens, argmax = canvas.astype(mx.int32), canvas.astype(mx.int32)
     frozen = mx.broadcast_to(finished[:, None], (B, C))  # committed positions (all of an ended row)
     closed = frozen  # not computed: committed, or after an end-of-generation id held (with `eos_cut`)
+    was_cut = mx.zeros((B, C), dtype=mx.bool_)
     fresh = mx.zeros((B, C), dtype=mx.bool_)  # committed last step: computed once more, for their keys/values
     pending = mx.zeros((B, C), dtype=mx.bool_)  # accepted last step, not yet committed (with `confirm`)
     flushed = mx.zeros((B, C), dtype=mx.bool_)  # committed by the step cap (what the repair pass revisits)
@@ -100,7 +109,8 @@ def fast_canvas(
     while True:
         last = steps + 1 == n
         compacting = fast.freeze and fast.compact
-        if not repairing and (steps == 0 or not compacting):  # every position, in order
+        refresh = bool(fast.refresh_every) and steps > 0 and steps % fast.refresh_every == 0
+        if not repairing and (steps == 0 or not compacting or refresh):  # every position, in order
             positions, valid = every, mx.broadcast_to(~done[:, None], (B, C))
             buffers = [(None, None)] * len(model.layers)
         else:
@@ -130,27 +140,28 @@ def fast_canvas(
             noise = rng.noise(positions.shape, V)
             tokens = scatter_rows(tokens, positions, valid & live, mx.where(accept, commit, noise))
             frozen = scatter_rows(frozen, positions, valid & live, commits)
-            if fast.compact and not fast.confirm:  # committed with a token its keys/values have not seen yet
-                fresh = scatter_rows(mx.zeros((B, C), dtype=mx.bool_), positions, valid, commits)
+            # computed now: no longer owed a pass; without `confirm`, a commit's keys/values have not seen its token
+            fresh = scatter_rows(fresh, positions, valid, commits & (fast.compact and not fast.confirm))
             argmax = scatter_rows(argmax, positions, valid & live, new_argmax)
             entropies = scatter_rows(entropies, positions, valid & live, ent)
             # The reference's stop rule over the whole canvas (committed positions count with the entropy they
-            # were committed at); a row that meets it, or the step cap, commits its open positions' argmax.
-            is_stable, history = stable(history, mx.where(closed, tokens, argmax))
-            settle = ((is_stable & confident(entropies, settings.confidence_threshold)) | last) & ~done
-            settling = ~closed & settle[:, None]
+            # were committed at, positions past a held end-of-generation id as the pad they will be); a row that
+            # meets it, or the step cap, commits its open positions' argmax.
+            cut = past_eos(frozen, pending, tokens)
+            is_stable, history = stable(history, mx.where(frozen | cut, tokens, argmax))
+            settle = (is_stable & confident(mx.where(cut, 0.0, entropies), settings.confidence_threshold)) | last
+            settling = ~(frozen | cut) & (settle & ~done)[:, None]
             flushed = flushed | (settling if last else False)
             tokens, frozen = mx.where(settling, argmax, tokens), frozen | settling
-            closed = frozen
-            if fast.eos_cut and settings.eos_token_ids:
-                # Positions after an end-of-generation id that is committed, or accepted and awaiting its
-                # confirmation, are not computed; if that id is not confirmed they open again.
-                held = (frozen | (pending if fast.eos_cut_pending else False)) & (tokens[..., None] == eos).any(axis=-1)
-                cut = every > mx.min(mx.where(held, every, C), axis=1, keepdims=True)
-                closed, fresh = frozen | cut, fresh & ~cut
-                ended = mx.all(closed, axis=1, keepdims=True) & cut
-                tokens = mx.where(ended, fill, tokens) if fill is not None else tokens
-                frozen = frozen | ended
+            cut = past_eos(frozen, pending, tokens)
+            fresh = fresh & ~cut
+            if fast.eos_pad and fill is not None:  # newly past the held id: pad, and one pass to show it as pad
+                newly = cut & ~was_cut
+                tokens, fresh = mx.where(newly, fill, tokens), fresh | newly
+            closed, was_cut = frozen | cut, cut
+            ended = mx.all(closed, axis=1, keepdims=True) & cut  # the row is done: its cut positions are pad
+            tokens = mx.where(ended, fill, tokens) if fill is not None else tokens
+            frozen = frozen | ended
             argmax = mx.where(closed, tokens, argmax)
             done = done | mx.all(frozen, axis=1)
         else:  # the reference's rules, with the configured statistics
@@ -168,7 +179,8 @@ def fast_canvas(
         all_done = mx.all(done)
         count = ((flushed if fast.repair and last else (~closed | fresh) & ~done[:, None]).sum(axis=1).max()
                  if compacting else mx.array(C))
-        state = [tokens, argmax, frozen, closed, fresh, pending, flushed, entropies, soft, done, work.passes, work.visits,
+        state = [tokens, argmax, frozen, closed, fresh, pending, flushed, entropies, soft, done, was_cut, work.passes,
+                 work.visits,
                  *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
         host = _step_sync(state, [all_done, count, *([argmax] if drafts else [])])
         yield steps, (host[2] if drafts else None)

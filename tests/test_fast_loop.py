@@ -161,6 +161,7 @@ def test_export_keeps_our_sampler_choice_out_of_the_reference_config(tiny, tmp_p
 @pytest.mark.parametrize("bad,message", [
     (dict(top_k=0), "top_k"), (dict(top_k=None), "gathered_sc=True: needs top_k"),
     (dict(freeze=False, confirm=False), "compact=True: needs freeze"), (dict(step_cap=0), "step_cap"),
+    (dict(refresh_every=0), "refresh_every"),
 ])
 def test_fast_sampler_settings_are_checked(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -173,6 +174,17 @@ def test_chat_session_takes_the_fast_sampler(tiny_chat_folder):
     assert session.settings().sampler == "fast"
     reply = session.send("why is the sky blue")
     assert reply.tokens and reply.denoising_steps >= 1
+
+
+@pytest.mark.parametrize("levers", [dict(eos_pad=True), dict(refresh_every=2), dict(compact=False),
+                                    dict(freeze=False, confirm=False, compact=False, eos_cut=False)])
+def test_every_lever_combination_runs_a_batch(tiny_model, levers):
+    """Padded batch, two canvases, an end-of-generation id: each switch's code path runs and stays in budget."""
+    stats = DiffusionStats()
+    rows = generate_tokens(tiny_model, [[2, 10, 11], [2, 20]], max_tokens=32, seed=1, sampler="fast", stats=stats,
+                           fast_sampler=FastSamplerConfig(**levers))
+    assert all(len(r) <= 32 for r in rows) and stats.steps >= stats.canvases >= 1
+    assert np.all(stats.position_visits <= stats.passes * 16) and np.all(stats.position_visits >= 16)
 
 
 def test_the_reference_sampler_is_the_default_and_unchanged(no_eos):
