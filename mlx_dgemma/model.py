@@ -12,12 +12,12 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
 
 from . import backend, cpu
 from .cache import Cache, LayerCache
 from .config import FULL, SLIDING, ModelArgs
 from .sampler import softmax_parts
+from .switch import ExpertLinear
 
 
 def rms_normalize(x: mx.array, eps: float) -> mx.array:
@@ -140,8 +140,8 @@ class Experts(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
-        self.down_proj = SwitchLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
+        self.gate_up_proj = ExpertLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
+        self.down_proj = ExpertLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
         self.num_experts = args.num_experts
 
     def _glu(self, x, indices, sorted_indices):
@@ -190,7 +190,7 @@ class Experts(nn.Module):
         xs = mx.concatenate([x, mx.zeros((1, x.shape[-1]), dtype=x.dtype)])[token_of_slot]
         block_expert = (padded_end[None, :] <= (mx.arange(n_blocks) * block)[:, None]).sum(axis=1)
         block_expert = mx.minimum(block_expert, e - 1).astype(mx.uint32)
-        if isinstance(self.gate_up_proj, SwitchLinear) and self.gate_up_proj.weight.dtype != xs.dtype:
+        if isinstance(self.gate_up_proj, ExpertLinear) and self.gate_up_proj.weight.dtype != xs.dtype:
             xs = xs.astype(self.gate_up_proj.weight.dtype)  # half-precision experts were widened at load (see `widen_cpu_experts`)
         y = self._glu(xs.reshape(n_blocks, block, -1), block_expert, True).reshape(n_blocks * block, -1)
         y = y.astype(x.dtype)
@@ -206,7 +206,7 @@ def widen_cpu_experts(model) -> bool:
     changed = False
     for layer in model.layers:
         for proj in (layer.experts.gate_up_proj, layer.experts.down_proj):
-            if isinstance(proj, SwitchLinear) and proj.weight.dtype != mx.float32:
+            if isinstance(proj, ExpertLinear) and proj.weight.dtype != mx.float32:
                 proj.weight = proj.weight.astype(mx.float32)
                 changed = True
     return changed

@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from mlx_dgemma.switch import QuantizedExpertLinear
 from safetensors.torch import load_file, save_file
 
 import mlx_dgemma
@@ -195,7 +195,7 @@ def test_mixed_recipe_keeps_eight_bit_modules(folders):
     for path in eight:
         assert modules[path].bits == 8 and modules[path].group_size == GROUP, path
     for path in experts:
-        assert isinstance(modules[path], QuantizedSwitchLinear) and modules[path].bits == 4, path
+        assert isinstance(modules[path], QuantizedExpertLinear) and modules[path].bits == 4, path
     assert isinstance(model.embed_tokens, nn.QuantizedEmbedding)
     assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     # norms and scalars stay float; fused experts are quantized per expert and row
