@@ -135,11 +135,18 @@ class Attention(nn.Module):
 def attend(q, k, v, mask):
     """Bidirectional attention with scale 1.0 (q and k are RMS-normalised instead); only padding keys are masked."""
     if backend.current().lanes:
-        parts = cpu.map_positions(
-            q.shape[2], lambda rows: mx.fast.scaled_dot_product_attention(q[:, :, rows], k, v, scale=1.0, mask=mask),
-            chunk=ATTENTION_QUERY_CHUNK,
-        )
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+        P, group = q.shape[2], ATTENTION_QUERY_CHUNK * len(cpu.lanes())
+        outs = []
+        for start in range(0, P, group):
+            block = q[:, :, start : start + group]
+            parts = cpu.map_positions(
+                block.shape[2], lambda rows: mx.fast.scaled_dot_product_attention(block[:, :, rows], k, v, scale=1.0, mask=mask),
+                chunk=ATTENTION_QUERY_CHUNK,
+            )
+            outs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2))
+            if P > group:
+                mx.eval(outs[-1])  # one group of chunks at a time: one lazy graph would hold every chunk's scores
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     d = q.shape[-1]
     fused = next((f for f in FUSED_HEAD_DIMS if f >= d), d)
     if fused != d:
