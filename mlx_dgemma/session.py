@@ -291,6 +291,10 @@ class ChatSession:
                 self._running, self._stop = False, None
         yield ChatChunk(reply=reply)  # the turn is over: a new one may start while this is being read
 
+    def _image_marker_ids(self) -> set[int]:
+        vision = getattr(self.model, "vision", None)
+        return set() if vision is None else {vision.boi_token_id, vision.image_token_id, vision.eoi_token_id}
+
     def _encode(self, prompt: list[int], start: int, end: int, images, stop: threading.Event):
         """Encode `prompt[start:end]` in chunks (none cutting an image), checking for a cancel between them."""
         images = None if images is None else images.columns(start, end)
@@ -348,7 +352,8 @@ class ChatSession:
                     yield ChatChunk(text=new_text, reasoning=new_reasoning, canvas_index=r.canvas_index, step=r.step)
             if not kept and cancelled:
                 raise _Cancelled
-            raw = self.tokenizer.decode([t for t in kept if t not in eos])
+            # A model turn carries no images: image markers it wrote would be read back as placeholders.
+            raw = self.tokenizer.decode([t for t in kept if t not in eos and t not in self._image_marker_ids()])
             self._messages.append({"role": "assistant", "content": raw})
             # Roll the cache back to the longest snapshot the re-rendered conversation still starts with.
             rendered = self._render(self.messages(), False)

@@ -83,6 +83,26 @@ def test_session_image_errors_leave_the_chat_usable(loaded, tmp_path):
     assert session.send("hello").tokens
 
 
+def test_image_markers_a_reply_writes_stay_out_of_the_history(loaded, monkeypatch):
+    # A reply is text: image markers in it would be read back as one more image placeholder than images given.
+    model, tokenizer = loaded
+    from mlx_dgemma import session as session_module
+    from mlx_dgemma.text_generation import GenerationResponse
+
+    reply = [*tokenizer.encode("hello", add_special_tokens=False), BOI, IMAGE, EOI]
+
+    def scripted(*args, **kwargs):
+        yield GenerationResponse(text=tokenizer.decode(reply), tokens=reply, finish_reason="length")
+
+    session = ChatSession(model, tokenizer, seed=0, max_tokens=16, max_denoising_steps=2)
+    monkeypatch.setattr(session_module, "stream_generate", scripted)
+    session.send("hello", images=[IMAGES[0]])
+    monkeypatch.undo()
+    assert not any(t in tokenizer.encode(session.history[-1]["content"], add_special_tokens=False)
+                   for t in (BOI, IMAGE, EOI))
+    assert session.send("why").tokens  # the next turn renders one placeholder for the one image
+
+
 def run(module, *args, stdin=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, "-m", f"mlx_dgemma.{module}", *map(str, args)], capture_output=True,
@@ -105,7 +125,7 @@ def test_generate_cli_with_images(folder, tmp_path):
 
 
 def test_chat_cli_with_images(folder, tmp_path):
-    r = run("chat", "--model", folder, "-m", "16", "--steps", "2", "--image", folder / "picture.png",
+    r = run("chat", "--model", folder, "-m", "16", "--steps", "2", "--seed", "0", "--image", folder / "picture.png",
             stdin=f"hello\n/image {tmp_path / 'missing.png'}\n/image {folder / 'picture.png'}\nwhy\n")
     assert r.returncode == 0, r.stderr
     assert "missing.png: file not found" in r.stdout
