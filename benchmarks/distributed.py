@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -122,17 +121,6 @@ def child(mode: str, folder: str, out_dir: str, steps: int):
                                               "vocab": model.args.vocab_size}})
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
 
 
 def run(mode, folder, steps) -> list[dict]:
@@ -141,7 +129,9 @@ def run(mode, folder, steps) -> list[dict]:
           "--steps", str(steps)]
     if mode is not None:
         launch = str(Path(sys.executable).parent / "mlx.launch")
-        me = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--", *me]
+        from mlx_dgemma.distributed import free_starting_port
+
+        me = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--", *me]
     env = {**openblas_env(), "PYTHONPATH": str(REPO)}
     subprocess.run(me, check=True, env=env, timeout=1800)
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]

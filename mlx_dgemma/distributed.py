@@ -160,3 +160,22 @@ def _stopped_by_launcher(signum, frame):
     print("error: another rank left the run (mlx.launch stopped this one); start every rank again", file=sys.stderr,
           flush=True)
     os._exit(1)
+
+
+def free_starting_port(ranks: int = 2) -> int:
+    """A port p with p .. p + ranks - 1 free on 127.0.0.1: `mlx.launch --starting-port p` gives rank r port p + r
+    (two ranks on one machine, as the tests and benchmarks/distributed.py run them)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for r in range(1, ranks):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + r))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no {ranks} consecutive free ports on 127.0.0.1")

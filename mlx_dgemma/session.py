@@ -94,17 +94,6 @@ class _Cancelled(Exception):
     pass
 
 
-def _snapshot(cache):
-    """The cache's state, by reference: its arrays are replaced, never modified, when it grows."""
-    return cache.offset, cache.token_mask, [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _restore(cache, state):
-    cache.offset, cache.token_mask, layers = state
-    for layer, (keys, values) in zip(cache.layers, layers):
-        layer.keys, layer.values = keys, values
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -315,11 +304,11 @@ class ChatSession:
         points = self._snapshot_points(messages, prompt)
         if self._cache is None:
             self._cache = self.model.make_cache()
-        start_state, start_tokens = _snapshot(self._cache), list(self._cached)
+        start_state, start_tokens = self._cache.snapshot(), list(self._cached)
         if prompt[:len(self._cached)] != self._cached:  # the kept prefix is stale: start over
             self._cache, self._cached = self.model.make_cache(), []
         reused = len(self._cached)
-        snapshots = [(reused, _snapshot(self._cache))]
+        snapshots = [(reused, self._cache.snapshot())]
         self._messages.append(messages[-1])
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -329,7 +318,7 @@ class ChatSession:
             for point in [*points, len(prompt)]:
                 if point > len(self._cached):
                     self._encode(prompt, len(self._cached), point, images, stop)
-                    snapshots.append((point, _snapshot(self._cache)))
+                    snapshots.append((point, self._cache.snapshot()))
             prompt_seconds = time.perf_counter() - t0
             prefill_peak = mx.get_peak_memory()
             if stop.is_set():
@@ -362,7 +351,7 @@ class ChatSession:
             if state is None:
                 self._cache, self._cached = self.model.make_cache(), []
             else:
-                _restore(self._cache, state)
+                self._cache.restore(state)
                 self._cached = prompt[:n]
         except _Cancelled:
             self._rollback(start_state, start_tokens)
@@ -396,7 +385,7 @@ class ChatSession:
             self._messages.pop()
         if self._cache is None:
             self._cache = self.model.make_cache()
-        _restore(self._cache, state)
+        self._cache.restore(state)
         self._cached = tokens
 
     def _why_empty(self, answer: str, raw: str, finish: str, settings) -> str | None:

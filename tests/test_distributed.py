@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import mlx_dgemma
-from mlx_dgemma.distributed import DistributedError, expert_range, parse_split, split_layers
+from mlx_dgemma.distributed import DistributedError, expert_range, free_starting_port, parse_split, split_layers
 
 HERE = Path(__file__).parent
 LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
@@ -25,26 +24,11 @@ TIMEOUT = 120  # seconds per launch: a hung rank fails the test instead of the s
 pytestmark = pytest.mark.distributed
 
 
-def free_ports() -> int:
-    """A port p with p and p + 1 free (mlx.launch gives rank r port p + r)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
-
-
 def launch(*args) -> tuple[int, dict | None, str]:
     """Run tests/distributed_run.py on two ranks; (exit code, rank 0's JSON line, all output)."""
     if LAUNCH is None:
         pytest.skip("mlx.launch is not installed")
-    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--",
            sys.executable, str(HERE / "distributed_run.py"), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(Path(mlx_dgemma.__file__).parent.parent)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..session import _restore, _snapshot
 
 
 def _nbytes(snapshot) -> int:
@@ -40,14 +39,14 @@ class PromptCache:
         if best is None:
             return 0
         self._entries.move_to_end(best)
-        _restore(cache, self._entries[best][0])
+        cache.restore(self._entries[best][0])
         self.hits += 1
         return len(best)
 
     def store(self, ids: list[int], cache):
         if self.max_entries <= 0:
             return
-        snapshot = _snapshot(cache)
+        snapshot = cache.snapshot()
         key = tuple(ids)
         self._entries[key] = (snapshot, _nbytes(snapshot))
         self._entries.move_to_end(key)
