@@ -342,7 +342,8 @@ class ChatSession:
             if not kept and cancelled:
                 raise _Cancelled
             # A model turn carries no images: image markers it wrote would be read back as placeholders.
-            raw = self.tokenizer.decode([t for t in kept if t not in eos and t not in self._image_marker_ids()])
+            dropped = eos | self._image_marker_ids()
+            raw = self.tokenizer.decode([t for t in kept if t not in dropped])
             self._messages.append({"role": "assistant", "content": raw})
             # Roll the cache back to the longest snapshot the re-rendered conversation still starts with.
             rendered = self._render(self.messages(), False)
