@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..reasoning import THOUGHT_CLOSE, THOUGHT_LABEL, THOUGHT_OPEN
 from .tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallSyntaxError, parse_call
 
-REASONING_OPEN = ("<|channel>", "<think>")
-REASONING_CLOSE = ("<channel|>", "</think>")
-CHANNEL_LABELS = ("thought", "final")
+REASONING_OPEN = (THOUGHT_OPEN, "<think>")
+REASONING_CLOSE = (THOUGHT_CLOSE, "</think>")
+CHANNEL_LABELS = (THOUGHT_LABEL, "final")
 # End-of-turn markers that may survive decoding: never shown.
 DROPPED = ("<turn|>", "<eos>", "<|tool_response>", "<bos>", "<pad>")
 _MARKERS = (*REASONING_OPEN, *REASONING_CLOSE, CALL_OPEN, CALL_CLOSE, *DROPPED)
