@@ -339,6 +339,9 @@ class ChatSession:
                 new_reasoning, new_text = splitter.add(r.text)
                 if new_reasoning or new_text:
                     yield ChatChunk(text=new_text, reasoning=new_reasoning, canvas_index=r.canvas_index, step=r.step)
+            # A cancel that lands between a committed canvas and the next one's first step ends the stream
+            # without a final response: that turn was stopped too, not finished.
+            cancelled = cancelled or (stop.is_set() and (last is None or last.finish_reason is None))
             if not kept and cancelled:
                 raise _Cancelled
             # A model turn carries no images: image markers it wrote would be read back as placeholders.

@@ -317,6 +317,24 @@ def test_cancel_from_another_thread_stops_within_one_step(loaded):
     session.cancel()  # idle: nothing happens
 
 
+def test_cancel_between_canvases_is_a_cancelled_turn(loaded):
+    """A cancel that lands right after a canvas was committed (the REPL's Ctrl-C while it prints) ends the turn as
+    cancelled with that canvas kept, never as a finished reply of "length"."""
+    model, tokenizer = loaded
+    model.sampler_defaults = model.sampler_defaults.updated(eos_token_ids=[], confidence_threshold=1e-9)
+    session = ChatSession(model, tokenizer, seed=0, max_tokens=16 * 500)
+    reply = None
+    for chunk in session.stream("hello"):
+        if chunk.text or chunk.reasoning:
+            session.cancel()  # the stream is paused at the committed canvas's chunk
+        if chunk.reply is not None:
+            reply = chunk.reply
+    C = model.args.canvas_length
+    assert reply.finish_reason == "cancelled" and len(reply.tokens) == C
+    assert session.history[-1]["role"] == "assistant" and not session.running
+    assert_cache_holds(session)
+
+
 def test_abandoned_stream_and_concurrent_turns(loaded):
     model, tokenizer = loaded
     session = ChatSession(model, tokenizer, seed=0, max_tokens=32)
