@@ -3,8 +3,8 @@
     flock /tmp/heavy.lock env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/distributed.py [--steps 6] [--json out.json]
 
-For each of: one process, two ranks `--pipeline`, two ranks `--experts-parallel`, the same prompt (64 tokens) and
-one canvas of `--steps` denoising steps (never stopping early), seed 0:
+For each of: one process, two ranks `--pipeline`, two ranks `--experts-parallel` (exact, then `--partial-sums`), the
+same prompt (64 tokens) and one canvas of `--steps` denoising steps (never stopping early), seed 0:
 
 * step time: median wall time of one denoising step on rank 0 (the first step, which compiles, left out);
 * bytes per step: what the loopback interface carried during the timed steps (/proc/net/dev, both ranks' sends
@@ -32,11 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import bench_prompt, ensure_bench_checkpoint, machine_info, openblas_env  # noqa: E402
 
-RUNS = [("1 process", None), ("2 ranks, --pipeline", "pipeline"), ("2 ranks, --experts-parallel", "experts")]
+RUNS = [("1 process", None), ("2 ranks, --pipeline", "pipeline"), ("2 ranks, --experts-parallel", "experts"),
+        ("2 ranks, --experts-parallel --partial-sums", "experts-partial")]
 # The estimate's assumptions (see /work/shared/design/vision_and_distributed.md B.2: TCP over a Thunderbolt
 # bridge measured ~3 GB/s one way and ~0.2 ms per collective between two Macs).
 TB_BYTES_PER_S, TB_LATENCY_S = 3e9, 0.2e-3
-RELEASED = dict(hidden=2816, layers=30, canvas=256, itemsize=2)  # bf16 activations
+RELEASED = dict(hidden=2816, layers=30, canvas=256, itemsize=2, top_k=8)  # bf16 activations
 
 
 def loopback_bytes() -> int:
@@ -58,14 +59,17 @@ def gemm_gflops() -> float:
     return 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
-def protocol_bytes(mode: str | None, layers: int, hidden: int, canvas: int, itemsize: int, ranks: int = 2) -> int:
+def protocol_bytes(mode: str | None, layers: int, hidden: int, canvas: int, itemsize: int, top_k: int,
+                   ranks: int = 2) -> int:
     """Bytes all ranks send per denoising step, by count (ring all_sum: each rank sends 2(N-1)/N of the array)."""
     h = canvas * hidden * itemsize
     all_sum = ranks * 2 * (ranks - 1) / ranks * h
     header = ranks * 2 * (ranks - 1) / ranks * 32
     if mode == "pipeline":  # h along the ranks, then the last rank's h back to rank 0 in one all_sum
         return int(header + (ranks - 1) * h + all_sum)
-    if mode == "experts":  # h handed out, then one all_sum per layer
+    if mode == "experts":  # h handed out, then one all_sum per layer of every slot's expert output
+        return int(header + all_sum + layers * top_k * all_sum)
+    if mode == "experts-partial":  # h handed out, then one all_sum per layer of each rank's weighted sum
         return int(header + (layers + 1) * all_sum)
     return 0
 
@@ -97,7 +101,8 @@ def child(mode: str, folder: str, out_dir: str, steps: int):
             report(self, {})
 
         ShardedModel.serve = serve_and_report
-        model, _ = load_distributed(folder, mode)  # the other ranks serve, report and exit in here
+        model, _ = load_distributed(folder, mode.split("-")[0], exact=mode != "experts-partial")  # the other ranks
+        # serve, report and exit in here
     settings = resolve_settings(model, dict(max_new_tokens=model.args.canvas_length, max_denoising_steps=steps,
                                             stability_threshold=steps + 1, confidence_threshold=1e-30))
     cache = model.make_cache()
@@ -118,7 +123,7 @@ def child(mode: str, folder: str, out_dir: str, steps: int):
     report(model, {"step_ms": statistics.median(step_ms), "steps": len(marks) - 1, "lo_bytes_per_step": per_step,
                    "tokens": tokens, "args": {"layers": model.args.num_hidden_layers,
                                               "hidden": model.args.hidden_size, "canvas": model.args.canvas_length,
-                                              "vocab": model.args.vocab_size}})
+                                              "vocab": model.args.vocab_size, "top_k": model.args.top_k_experts}})
 
 
 
@@ -162,7 +167,7 @@ def main():
     for label, mode in RUNS:
         ranks = results[label]
         r0 = ranks[0]
-        count = protocol_bytes(mode, shape["layers"], shape["hidden"], shape["canvas"], 4)
+        count = protocol_bytes(mode, shape["layers"], shape["hidden"], shape["canvas"], 4, shape["top_k"])
         weights = " / ".join(f"{r['weights_gb']:.2f}" for r in ranks)
         peaks = " / ".join(f"{r['peak_gb']:.2f}" for r in ranks)
         same = "yes" if r0["tokens"] == base["tokens"] else "NO"
@@ -171,8 +176,8 @@ def main():
     print("\nEstimate (not measured): two Macs over Thunderbolt (TCP, ~3 GB/s one way, ~0.2 ms per collective), "
           "the released model (30 layers, hidden 2816, canvas 256, bf16):")
     for label, mode in RUNS[1:]:
-        total = protocol_bytes(mode, **{k: RELEASED[k] for k in ("layers", "hidden", "canvas", "itemsize")})
-        collectives = 2 + (RELEASED["layers"] + 1 if mode == "experts" else 2)
+        total = protocol_bytes(mode, **RELEASED)
+        collectives = 2 + (RELEASED["layers"] + 1 if mode.startswith("experts") else 2)
         one_way = total / 2  # both directions of the link carry half
         ms = 1e3 * (one_way / TB_BYTES_PER_S + collectives * TB_LATENCY_S)
         print(f"  {label}: {total / 1e6:.1f} MB per step ({one_way / 1e6:.1f} MB each way) -> ~{ms:.1f} ms per step "

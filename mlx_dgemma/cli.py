@@ -58,6 +58,9 @@ def add_distributed_flags(p: argparse.ArgumentParser):
     g.add_argument("--pipeline", action="store_true", help="Split the layers across the ranks (pools memory).")
     g.add_argument("--experts-parallel", action="store_true",
                    help="Give each rank 1/N of every layer's experts (works quantized; one all_sum per layer).")
+    g.add_argument("--partial-sums", action="store_true",
+                   help="With --experts-parallel: all-sum each rank's weighted sum of its experts instead of every "
+                   "expert's output (1/top_k the bytes per layer; the output then differs from one process by rounding).")
     g.add_argument("--pipeline-split", help="With --pipeline: layers per rank in proportion, e.g. 2,1 for a Mac "
                    "with twice the memory as rank 0 (default: even).")
 
@@ -69,6 +72,8 @@ def parallel_mode(args) -> str | None:
         raise ValueError("--pipeline and --experts-parallel exclude each other: choose one")
     if getattr(args, "pipeline_split", None) and not pipeline:
         raise ValueError("--pipeline-split needs --pipeline")
+    if getattr(args, "partial_sums", False) and not experts:
+        raise ValueError("--partial-sums needs --experts-parallel")
     if (pipeline or experts) and getattr(args, "adapter_path", None):
         raise ValueError("--adapter-path is not supported with --pipeline or --experts-parallel yet")
     return "pipeline" if pipeline else "experts" if experts else None
@@ -92,7 +97,8 @@ def load_for_cli(model_path: str | None, adapter_path: str | None = None, args=N
     if mode is not None:
         from .distributed import load_distributed, parse_split
 
-        return load_distributed(model_path, mode, parse_split(args.pipeline_split))
+        return load_distributed(model_path, mode, parse_split(args.pipeline_split),
+                                exact=not getattr(args, "partial_sums", False))
     return load(model_path, adapter_path=adapter_path)
 
 

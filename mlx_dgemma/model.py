@@ -148,16 +148,33 @@ class Experts(nn.Module):
         gate, up = mx.split(self.gate_up_proj(x, indices, sorted_indices=sorted_indices), 2, axis=-1)
         return self.down_proj(nn.gelu_approx(gate) * up, indices, sorted_indices=sorted_indices)
 
+    # This module holds experts `[first, first + num_experts)` of a layer's `layout_experts`: all of them in one
+    # process; one rank's share under --experts-parallel (sharded.py), which lays the rows out for every expert
+    # exactly as one process does, so each row's output has the same bits (a gathered matmul's rounding depends on
+    # where a row sits in its block).
+    first = 0
+    layout_experts = None
+
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        idx = idx.reshape(-1, idx.shape[-1]).astype(mx.uint32)
-        if backend.current().blocked_experts:
-            y = self._blocked(x, idx)
-        else:
-            y = self._sorted_rows(x, idx)
-        out = (y * weights.reshape(*y.shape[:2], 1).astype(y.dtype)).sum(axis=1)
-        return out.reshape(shape)
+        y = self.expert_rows(x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]).astype(mx.uint32))
+        return self.combine(y, weights).reshape(shape)
+
+    def expert_rows(self, x: mx.array, idx: mx.array) -> mx.array:
+        """Every (token, slot)'s expert output, `[n, k, H]` for `x` `[n, H]` and `idx` `[n, k]` (uint32)."""
+        return self._blocked(x, idx) if backend.current().blocked_experts else self._sorted_rows(x, idx)
+
+    @staticmethod
+    def combine(y: mx.array, weights: mx.array) -> mx.array:
+        """The routing-weighted sum over the k slots."""
+        return (y * weights.reshape(*y.shape[:2], 1).astype(y.dtype)).sum(axis=1)
+
+    def _held(self, experts: mx.array) -> mx.array:
+        # layout expert -> index into this module's weights; experts held elsewhere read a stand-in (their rows
+        # are dropped by the caller)
+        if self.first == 0 and self.layout_experts in (None, self.num_experts):
+            return experts
+        return mx.clip(experts.astype(mx.int32) - self.first, 0, self.num_experts - 1).astype(mx.uint32)
 
     def _sorted_rows(self, x, idx):
         # GPU profile: one row per (token, expert) pair, sorted by expert so the gathered matmul reads each
@@ -165,7 +182,7 @@ class Experts(nn.Module):
         n, k = idx.shape
         flat = idx.flatten()
         order = mx.argsort(flat)
-        y = self._glu(x[order // k][:, None, :], flat[order], True)
+        y = self._glu(x[order // k][:, None, :], self._held(flat[order]), True)
         return y[mx.argsort(order)].reshape(n, k, -1)
 
     def _blocked(self, x, idx, block: int = 32):
@@ -174,7 +191,7 @@ class Experts(nn.Module):
         # multiple of `block`), so every block is a real matrix-matrix product. Shapes depend only on the
         # number of tokens, never on the routing, so nothing is read back to the host.
         n, k = idx.shape
-        rows, e = n * k, self.num_experts
+        rows, e = n * k, self.layout_experts or self.num_experts
         n_blocks = -(-rows // block) + e
         flat = idx.flatten().astype(mx.int32)
         order = mx.argsort(flat)
@@ -189,7 +206,7 @@ class Experts(nn.Module):
         token_of_slot[slot] = order // k
         xs = mx.concatenate([x, mx.zeros((1, x.shape[-1]), dtype=x.dtype)])[token_of_slot]
         block_expert = (padded_end[None, :] <= (mx.arange(n_blocks) * block)[:, None]).sum(axis=1)
-        block_expert = mx.minimum(block_expert, e - 1).astype(mx.uint32)
+        block_expert = self._held(mx.minimum(block_expert, e - 1).astype(mx.uint32))
         if isinstance(self.gate_up_proj, ExpertLinear) and self.gate_up_proj.weight.dtype != xs.dtype:
             xs = xs.astype(self.gate_up_proj.weight.dtype)  # half-precision experts were widened at load (see `widen_cpu_experts`)
         y = self._glu(xs.reshape(n_blocks, block, -1), block_expert, True).reshape(n_blocks * block, -1)

@@ -8,8 +8,9 @@ Two ways to share the work (`--pipeline` or `--experts-parallel` on any command 
   block, the final norm and the tied head). The hidden states go 0 -> 1 -> ... -> N-1 with `send`/`recv`, and
   come back to rank 0 with one `all_sum` (the others add zeros), which also orders the return after the send.
 * experts: every rank holds attention, dense MLP, router and norms of every layer and 1/N of each layer's experts
-  (any quantization: the expert axis is never a quantized one). Each rank weighs only its own experts' top-k slots;
-  one `all_sum` per layer adds the ranks' routed outputs before the norm that follows them.
+  (any quantization: the expert axis is never a quantized one). Each rank computes only its own experts' top-k
+  slots; one `all_sum` per layer joins the ranks' slots before the weighted sum and the norm that follow them
+  (exactly as one process, see `ShardedExperts`; `exact=False` all-sums each rank's weighted sum instead).
 
 One sampler, one truth: rank 0 alone runs the caller's code (the diffusion loop, chat, a server) and owns the random
 stream. The other ranks only serve: before every encoder or decoder pass rank 0 broadcasts a header (what to run,
@@ -92,17 +93,27 @@ def parse_split(text: str | None) -> list[float] | None:
 
 
 class ShardedExperts(Experts):
-    """This rank's experts `[first, first + count)` of one layer; other experts' slots weigh zero here, and one
-    `all_sum` adds every rank's share (before `post_feedforward_layernorm_2`, which needs the whole sum)."""
+    """This rank's experts `[first, first + count)` of one layer, and one `all_sum` that joins the ranks' shares.
 
-    def __init__(self, args: ModelArgs, first: int, count: int, group):
+    Exact (the default): every rank fills the `[tokens, top_k, hidden]` expert outputs of the slots it owns
+    (zeros in the others' slots), one `all_sum` makes the whole tensor on every rank (x + 0 is exact), and each
+    rank sums the slots by routing weight as one process does: the same bits as one process, top_k times the
+    bytes. Partial sums (`exact=False`): each rank sums its own slots and the `all_sum` adds the ranks' sums, a
+    different association than one process's sum over the top_k slots, so the output differs by rounding."""
+
+    def __init__(self, args: ModelArgs, first: int, count: int, group, exact: bool = True):
         super().__init__(replace(args, num_experts=count))
-        self.first, self.group = first, group
+        self.first, self.layout_experts, self.group, self.exact = first, args.num_experts, group, exact
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        local = (idx >= self.first) & (idx < self.first + self.num_experts)
-        out = super().__call__(x, mx.where(local, idx - self.first, 0), mx.where(local, weights, 0))
-        return mx.distributed.all_sum(out, group=self.group)
+        shape = x.shape
+        idx = idx.reshape(-1, idx.shape[-1]).astype(mx.uint32)
+        weights = weights.reshape(idx.shape)
+        local = ((idx >= self.first) & (idx < self.first + self.num_experts))[..., None]
+        y = mx.where(local, self.expert_rows(x.reshape(-1, shape[-1]), idx), 0)
+        if self.exact:
+            return self.combine(mx.distributed.all_sum(y, group=self.group), weights).reshape(shape)
+        return mx.distributed.all_sum(self.combine(y, weights), group=self.group).reshape(shape)
 
 
 def _check_announced(announced):
@@ -188,7 +199,7 @@ class ShardedModel(Model):
     """The model as one rank holds it. On rank 0 it is a drop-in `Model` for every caller; on the others,
     `serve()` runs what rank 0 announces until it says stop."""
 
-    def __init__(self, args: ModelArgs, group, mode: str, layers: range, experts: range):
+    def __init__(self, args: ModelArgs, group, mode: str, layers: range, experts: range, exact: bool = True):
         super().__init__(args)
         self.group, self.mode, self.rank, self.size = group, mode, group.rank(), group.size()
         self.owned, self.experts_owned = layers, experts
@@ -201,7 +212,7 @@ class ShardedModel(Model):
             if i not in layers:
                 self.layers[i] = nn.Module()
             elif mode == "experts":
-                self.layers[i].experts = ShardedExperts(args, experts.start, len(experts), group)
+                self.layers[i].experts = ShardedExperts(args, experts.start, len(experts), group, exact)
         if self.rank != 0:  # the embedding, head and self-conditioning live on rank 0 only
             self.embed_tokens = nn.Module()
             self.self_conditioning = nn.Module()

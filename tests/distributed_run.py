@@ -1,6 +1,8 @@
 """What each rank runs in tests/test_distributed.py (started by `mlx.launch -n 2`). Rank 0 prints one JSON line.
 
-    parity MODE:FOLDER...  for each, the sharded model against a single-process load of the folder, in rank 0
+    parity MODE:PROFILE:FOLDER...  for each, the sharded model against a single-process load of the folder, in
+                         rank 0, under a backend profile (cpu, gpu: the experts' two layouts); MODE is pipeline,
+                         experts or experts-partial (each rank's weighted sum all-summed)
     missing FOLDER       rank 1 is given a folder that does not exist
     die FOLDER           rank 1 dies during the first decoder pass of `python -m mlx_dgemma.generate`
 """
@@ -15,6 +17,7 @@ from mlx.utils import tree_flatten
 
 mx.set_default_device(mx.cpu)
 
+from mlx_dgemma import backend  # noqa: E402
 from mlx_dgemma.diffusion import generate_tokens  # noqa: E402
 from mlx_dgemma.distributed import ShardedModel, load_shard  # noqa: E402
 from mlx_dgemma.loading import load_model  # noqa: E402
@@ -36,8 +39,9 @@ def parity(*runs):
     group = mx.distributed.init()
     results = {}
     for run in runs:
-        mode, folder = run.split(":", 1)
-        model = load_shard(folder, group, mode)
+        mode, profile, folder = run.split(":", 2)
+        backend.use(profile)
+        model = load_shard(folder, group, mode.split("-")[0], exact=not mode.endswith("-partial"))
         sizes = gather_sizes(model)
         if group.rank() != 0:
             model.serve()

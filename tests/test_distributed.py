@@ -44,16 +44,26 @@ def launch(*args) -> tuple[int, dict | None, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_q4(tiny, tmp_path_factory):
+def tiny_moe(reference_factory):
+    # 8 experts, top-4: each rank owns about two of a token's four slots, so summing each rank's share first (the
+    # partial sums) associates the four terms differently than one process does, which float32 logits show
+    return reference_factory(num_experts=8, top_k_experts=4)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_q4(tiny_moe, tmp_path_factory):
     # group 32: the tiny model's expert width (32) is one group
-    return mlx_dgemma.convert(str(tiny[0]), str(tmp_path_factory.mktemp("dist") / "q4"), quantize=True, q_bits=4,
+    return mlx_dgemma.convert(str(tiny_moe), str(tmp_path_factory.mktemp("dist") / "q4"), quantize=True, q_bits=4,
                               q_group_size=32, verbose=False)
 
 
 @pytest.fixture(scope="module")
-def parity_runs(tiny, tiny_q4):
-    """One two-rank launch: pipeline (float32), experts-parallel (float32 and 4-bit), each against one process."""
-    runs = {"pipeline": f"pipeline:{tiny[0]}", "experts": f"experts:{tiny[0]}", "experts-4bit": f"experts:{tiny_q4}"}
+def parity_runs(tiny, tiny_moe, tiny_moe_q4):
+    """One two-rank launch: pipeline (float32), experts-parallel (float32 under both backend profiles, i.e. both
+    expert layouts, and 4-bit), and the partial-sums variant, each against one process."""
+    runs = {"pipeline": f"pipeline:cpu:{tiny[0]}", "experts": f"experts:cpu:{tiny_moe}",
+            "experts-gpu-layout": f"experts:gpu:{tiny_moe}", "experts-4bit": f"experts:cpu:{tiny_moe_q4}",
+            "experts-partial": f"experts-partial:cpu:{tiny_moe}"}
     code, result, out = launch("parity", *runs.values())
     assert code == 0 and result is not None and result["size"] == 2, out[-3000:]
     return {name: result["runs"][run] for name, run in runs.items()}
@@ -72,11 +82,18 @@ def test_pipeline_matches_one_process_and_halves_the_layers(parity_runs):
     assert all(abs(b / run["single_layer_bytes"] - 0.5) < 0.1 for b in run["layer_bytes"])
 
 
-@pytest.mark.parametrize("name", ["experts", "experts-4bit"])
-def test_experts_parallel_matches_one_process_and_halves_the_experts(parity_runs, name):
+@pytest.mark.parametrize("name", ["experts", "experts-gpu-layout", "experts-4bit"])
+def test_experts_parallel_matches_one_process_bit_for_bit_and_halves_the_experts(parity_runs, name):
     run = parity_runs[name]
-    assert run["max_abs_diff"] < 1e-4  # each rank sums its experts' share, then all_sum adds the shares
+    assert run["max_abs_diff"] == 0.0  # every slot's expert output all-summed with zeros, then one process's sum
     check_generation(run)
+    assert run["expert_bytes"] == [run["single_expert_bytes"] // 2] * 2
+
+
+def test_partial_sums_differ_from_one_process_only_by_rounding(parity_runs):
+    # the checkpoint tells the two apart: adding each rank's sum of its slots is not one process's sum
+    run = parity_runs["experts-partial"]
+    assert 0.0 < run["max_abs_diff"] < 1e-4
     assert run["expert_bytes"] == [run["single_expert_bytes"] // 2] * 2
 
 
