@@ -166,6 +166,8 @@ class _Flag:
 class _Version:
     """Rank 0's handle on one cached state mirrored by the workers; when it is collected they drop it too."""
 
+    nbytes = 0  # what it holds on rank 0, for code that sizes a cache's snapshot (the server's prompt cache)
+
     def __init__(self, number: int, dead: collections.deque):
         self.number = number
         weakref.finalize(self, dead.append, number)
@@ -190,6 +192,11 @@ class ShardedCache(Cache):
 
     def state(self):
         return super().state() + self.pending
+
+    def select(self, rows: list[int]):
+        # the workers' caches would keep every row: only the identity is safe (the server batches one request)
+        if list(rows) != list(range(self.batch_size or 0)):
+            raise DistributedError("dropping batch rows is not supported with --pipeline or --experts-parallel yet")
 
 
 # --- the model on each rank ----------------------------------------------------------------------------------------
@@ -272,10 +279,14 @@ class ShardedModel(Model):
         """Tell the other ranks to exit (rank 0; called at exit)."""
         if self.rank != 0 or self._closed or self.size == 1:
             return
+        if not self._lock.acquire(timeout=60):  # a pass still in flight (a server's thread): its collectives first
+            return
         try:
             self._announce(STOP)
         except RuntimeError:
             pass  # a rank already left: nothing to tell
+        finally:
+            self._lock.release()
         self._closed = True
 
     # --- the other ranks ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,72 @@ def test_experts_must_divide_among_the_ranks():
     assert expert_range(128, 1, 4) == range(32, 64)
     with pytest.raises(DistributedError, match="128 experts per layer do not divide among 3 ranks"):
         expert_range(128, 0, 3)
+
+
+# --- the server under mlx.launch ------------------------------------------------------------------------------
+
+
+def chat_requests(url: str) -> list[dict]:
+    """Two seeded chat completions, the second continuing the first's conversation (rank 0's prompt cache holds
+    the first prompt, so the second starts from a restored cache state on every rank)."""
+    import httpx2 as httpx
+
+    first = [{"role": "user", "content": "hello there"}]
+    replies = []
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        for messages, seed in ((first, 7), (None, 8)):
+            if messages is None:
+                messages = first + [{"role": "assistant", "content": replies[0]["text"]},
+                                    {"role": "user", "content": "and then"}]
+            r = http.post("/v1/chat/completions", json={"messages": messages, "seed": seed, "max_tokens": 40})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            replies.append({"text": body["choices"][0]["message"]["content"],
+                            "finish": body["choices"][0]["finish_reason"], "usage": body["usage"]})
+    return replies
+
+
+@pytest.fixture(scope="module")
+def one_process_replies(tiny_chat_folder):
+    from server_fixtures import running_server
+
+    from mlx_dgemma.loading import load
+
+    with running_server(*load(str(tiny_chat_folder)), tiny_chat_folder, max_concurrency=1) as (url, _):
+        return chat_requests(url)
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "experts-parallel"])
+def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, one_process_replies, mode, tmp_path):
+    import httpx2 as httpx
+    from server_fixtures import free_port
+
+    if LAUNCH is None:
+        pytest.skip("mlx.launch is not installed")
+    port = free_port()
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--",
+           sys.executable, "-m", "mlx_dgemma.server", "--model", str(tiny_chat_folder), "--port", str(port),
+           f"--{mode}", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_dgemma.__file__).parent.parent)}
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + TIMEOUT
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                health = httpx.get(url + "/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the two-rank server did not come up:\n" + log.read_text()[-3000:]
+                time.sleep(0.2)
+        replies = chat_requests(url)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert health["max_concurrency"] == 1
+    assert replies == one_process_replies
+    assert replies[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the second request reused the first
+    assert "distributed: 2 ranks" in log.read_text() and "one request at a time" in log.read_text()

@@ -1,5 +1,9 @@
 """The server's command line: flags, loading the model (the bundled demo without --model), serving with uvicorn.
 
+Under `mlx.launch` with --pipeline or --experts-parallel, rank 0 alone binds the port and serves; the other ranks
+run rank 0's passes (`sharded.py`) and exit when it does. It then denoises one request at a time: the batch's
+cache surgery (rows joining, leaving, reframed) acts on rank 0's cache only, so with one row there is none.
+
 uvicorn is the ASGI server: a plain `pip install`, HTTP/1.1 keep-alive and streaming, and it tells the app when a
 client disconnects, which is what frees a batch row.
 """
@@ -14,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cli import Parser, add_sampler_flags, check_positive_flags, flag_message
+from ..cli import Parser, add_distributed_flags, add_sampler_flags, check_positive_flags, flag_message
 from ..config import SAMPLER_FLAGS
 
 DEFAULT_CONTEXT = 8192  # when a config names no max_position_embeddings
@@ -39,7 +43,15 @@ def build_parser():
     p.add_argument("--prompt-cache-size", type=int, default=16, help="Prompt prefixes kept (0: none).")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_sampler_flags(p)
+    add_distributed_flags(p)
     return p
+
+
+def sharded(model) -> bool:
+    """Whether the model was loaded with --pipeline or --experts-parallel (on rank 0)."""
+    from ..sharded import ShardedModel
+
+    return isinstance(model, ShardedModel)
 
 
 def _folder(model_path: str | None) -> Path:
@@ -84,7 +96,8 @@ def build_state(args, model, tokenizer, folder: Path):
         thinking_budget_factor=1 if args.max_tokens else THINKING_BUDGET_FACTOR, think=args.think,
         vision=getattr(model, "vision", None),
     )
-    scheduler = Scheduler(model, tokenizer, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+    concurrency = 1 if sharded(model) else args.max_concurrency  # see the module's docstring
+    scheduler = Scheduler(model, tokenizer, max_concurrency=concurrency, max_queue=args.max_queue,
                           prompt_cache=PromptCache(args.prompt_cache_size), prefill_step_size=args.prefill_step_size)
     quant = config.get("quantization") or {}
     return ServerState(
@@ -117,7 +130,7 @@ def main(argv=None) -> int:
         from ..cli import load_for_cli
         from .app import create_app
 
-        model, tokenizer = load_for_cli(args.model, args.adapter_path)
+        model, tokenizer = load_for_cli(args.model, args.adapter_path, args)  # other ranks serve rank 0 in here
         state = build_state(args, model, tokenizer, _folder(args.model))
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
@@ -128,8 +141,11 @@ def main(argv=None) -> int:
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     app = create_app(state, api_key=args.api_key, allowed_origins=origins)
     state.scheduler.start()
+    if sharded(model):
+        print(f"distributed: {model.size} ranks, --{'pipeline' if model.mode == 'pipeline' else 'experts-parallel'};"
+              f" rank 0 serves HTTP, the others follow it; one request at a time", file=sys.stderr, flush=True)
     print(f"serving {state.model_name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api); "
-          f"batch of {args.max_concurrency}, queue {args.max_queue}", file=sys.stderr, flush=True)
+          f"batch of {state.scheduler.max_concurrency}, queue {args.max_queue}", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     except KeyboardInterrupt:
