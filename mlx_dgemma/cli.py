@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .config import DEFAULT_PREFILL_STEP, IMAGE_SOFT_TOKEN_BUDGETS, SAMPLER_FLAGS  # noqa: F401  (SAMPLER_FLAGS: for the command lines)
+from .watchdog import DEFAULT_PEER_TIMEOUT
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,6 +62,9 @@ def add_distributed_flags(p: argparse.ArgumentParser):
     g.add_argument("--partial-sums", action="store_true",
                    help="With --experts-parallel: all-sum each rank's weighted sum of its experts instead of every "
                    "expert's output (1/top_k the bytes per layer; the output then differs from one process by rounding).")
+    g.add_argument("--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT, metavar="SECONDS",
+                   help="End the run when a pass waits this long on another rank (one that is stuck, not dead; "
+                   f"default {DEFAULT_PEER_TIMEOUT:g}).")
     g.add_argument("--pipeline-split", help="With --pipeline: layers per rank in proportion, e.g. 2,1 for a Mac "
                    "with twice the memory as rank 0 (default: even).")
 
@@ -74,6 +78,8 @@ def parallel_mode(args) -> str | None:
         raise ValueError("--pipeline-split needs --pipeline")
     if getattr(args, "partial_sums", False) and not experts:
         raise ValueError("--partial-sums needs --experts-parallel")
+    if getattr(args, "peer_timeout", DEFAULT_PEER_TIMEOUT) <= 0:
+        raise ValueError(f"--peer-timeout must be positive, got {args.peer_timeout}")
     if (pipeline or experts) and getattr(args, "adapter_path", None):
         raise ValueError("--adapter-path is not supported with --pipeline or --experts-parallel yet")
     return "pipeline" if pipeline else "experts" if experts else None
@@ -98,7 +104,8 @@ def load_for_cli(model_path: str | None, adapter_path: str | None = None, args=N
         from .distributed import load_distributed, parse_split
 
         return load_distributed(model_path, mode, parse_split(args.pipeline_split),
-                                exact=not getattr(args, "partial_sums", False))
+                                exact=not getattr(args, "partial_sums", False),
+                                peer_timeout=getattr(args, "peer_timeout", DEFAULT_PEER_TIMEOUT))
     return load(model_path, adapter_path=adapter_path)
 
 

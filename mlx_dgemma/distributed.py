@@ -30,6 +30,7 @@ from .sharded import (
     peer_lost,
     split_layers,
 )
+from .watchdog import DEFAULT_PEER_TIMEOUT
 from .weights import list_tensors
 
 __all__ = ["MODES", "DistributedError", "ShardedModel", "expert_range", "parse_split", "peer_lost", "split_layers",
@@ -49,9 +50,11 @@ def _wanted(name: str, rank: int, owned: range) -> bool:
     return rank == 0 or name.startswith("norm.")
 
 
-def load_shard(folder: Path, group, mode: str, split: list[float] | None = None, exact: bool = True) -> ShardedModel:
+def load_shard(folder: Path, group, mode: str, split: list[float] | None = None, exact: bool = True,
+               peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> ShardedModel:
     """This rank's part of a converted (or Hugging Face) folder: only its tensors are read, experts by row range.
-    `exact=False`: experts mode all-sums each rank's weighted sum (1/top_k the bytes, not bit-identical)."""
+    `exact=False`: experts mode all-sums each rank's weighted sum (1/top_k the bytes, not bit-identical).
+    `peer_timeout`: seconds a pass may wait on the other ranks before this rank ends (see `watchdog.py`)."""
     if mode not in MODES:
         raise DistributedError(f"unknown parallel mode {mode!r} (choose from {', '.join(MODES)})")
     keep_buffers()
@@ -77,7 +80,7 @@ def load_shard(folder: Path, group, mode: str, split: list[float] | None = None,
             continue
         sharded = mode == "experts" and ".experts." in name and len(experts) < args.num_experts
         weights[name] = t.read(experts.start, experts.stop) if sharded else t.read()
-    model = ShardedModel(args, group, mode, layers, experts, exact)
+    model = ShardedModel(args, group, mode, layers, experts, exact, peer_timeout)
     if config.get("quantization"):
         apply_to_model(model, config["quantization"], weights)
     model.load_weights(list(weights.items()), strict=True)
@@ -119,7 +122,8 @@ def _agree(group, error: BaseException | None):
         ))
 
 
-def load_distributed(path: str, mode: str, split: list[float] | None = None, group=None, exact: bool = True):
+def load_distributed(path: str, mode: str, split: list[float] | None = None, group=None, exact: bool = True,
+                     peer_timeout: float = DEFAULT_PEER_TIMEOUT):
     """`(model, tokenizer)` on rank 0. On every other rank this serves rank 0 and then ends the process, so the
     command line that called it carries on as rank 0 only (the rank that prints and serves)."""
     from .checkpoint import resolve_checkpoint
@@ -129,7 +133,7 @@ def load_distributed(path: str, mode: str, split: list[float] | None = None, gro
     model = error = None
     try:
         folder = resolve_checkpoint(str(path))
-        model = load_shard(folder, group, mode, split, exact)
+        model = load_shard(folder, group, mode, split, exact, peer_timeout)
     except Exception as e:  # reported to every rank below
         error = e
     if group.size() == 1:

@@ -25,6 +25,7 @@ arrays until rank 0 drops the last reference to its handle.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import weakref
 from dataclasses import replace
@@ -35,6 +36,7 @@ import mlx.nn as nn
 from .cache import Cache, LayerCache
 from .config import ModelArgs
 from .model import Experts, Model
+from .watchdog import DEFAULT_PEER_TIMEOUT, Watchdog
 
 MODES = ("pipeline", "experts")
 ENCODE, DENOISE, STOP = 1, 2, 3
@@ -206,7 +208,8 @@ class ShardedModel(Model):
     """The model as one rank holds it. On rank 0 it is a drop-in `Model` for every caller; on the others,
     `serve()` runs what rank 0 announces until it says stop."""
 
-    def __init__(self, args: ModelArgs, group, mode: str, layers: range, experts: range, exact: bool = True):
+    def __init__(self, args: ModelArgs, group, mode: str, layers: range, experts: range, exact: bool = True,
+                 peer_timeout: float = DEFAULT_PEER_TIMEOUT):
         super().__init__(args)
         self.group, self.mode, self.rank, self.size = group, mode, group.rank(), group.size()
         self.owned, self.experts_owned = layers, experts
@@ -215,6 +218,7 @@ class ShardedModel(Model):
         self._lock = threading.Lock()
         self._closed = False
         self._announced = _Flag()  # set while an announced pass builds its graph
+        self._watchdog = Watchdog(self.rank, peer_timeout) if self.size > 1 else None
         for i in range(args.num_hidden_layers):
             if i not in layers:
                 self.layers[i] = nn.Module()
@@ -245,22 +249,35 @@ class ShardedModel(Model):
         B, L = input_ids.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, L)}")
-        with self._lock:
+        with self._lock, self._waiting("an encoder pass"):
             self._versions += 1
             version = _Version(self._versions, self._dead)
             self._announce(ENCODE, cache, B, L, attention_mask, version.number)
             with self._announced:
                 h = super().encode(input_ids, cache, attention_mask)
             cache.pending = [h]
+            self._run(h, cache.state())
             cache.layers[-1].keys = cache.layers[-1].values = version
         return h
 
     def denoise_raw(self, canvas, cache, distribution=None, total=None):
         canvas = mx.array(canvas)
-        with self._lock:
+        with self._lock, self._waiting("a decoder pass"):
             self._announce(DENOISE, cache, *canvas.shape)
             with self._announced:
-                return super().denoise_raw(canvas, cache, distribution, total)
+                logits = super().denoise_raw(canvas, cache, distribution, total)
+            self._run(logits)
+        return logits
+
+    def _run(self, *arrays):
+        # With other ranks, a pass runs to its end here, under the lock and the watchdog. Its collectives run in
+        # the caller's eval otherwise: outside the lock (another thread's announcement, close() at a server's
+        # exit, could come between) and with no bound on waiting for a stuck rank.
+        if self.size > 1:
+            mx.eval(*arrays)
+
+    def _waiting(self, what: str):
+        return self._watchdog.waiting(what) if self._watchdog is not None else contextlib.nullcontext()
 
     def _announce(self, op, cache=None, B=0, L=0, mask=None, new=0):
         if self.size == 1:
@@ -282,7 +299,8 @@ class ShardedModel(Model):
         if not self._lock.acquire(timeout=60):  # a pass still in flight (a server's thread): its collectives first
             return
         try:
-            self._announce(STOP)
+            with self._waiting("telling the other ranks to stop"):
+                self._announce(STOP)
         except RuntimeError:
             pass  # a rank already left: nothing to tell
         finally:
@@ -296,23 +314,26 @@ class ShardedModel(Model):
         cache = Cache(self.args)
         versions = {0: cache.snapshot()}
         while True:
+            # waiting for the header is idle time (rank 0 may have nothing to do); what follows it is bounded
             header = mx.distributed.all_sum(mx.zeros((HEADER,), dtype=mx.int32), group=self.group).tolist()
             op, B, L, has_mask, base, new, n_dead, _ = header
-            mask = None
-            if n_dead + has_mask * B * L:
-                payload = mx.distributed.all_sum(mx.zeros((n_dead + has_mask * B * L,), dtype=mx.int32), group=self.group)
-                mx.eval(payload)
-                for number in payload[:n_dead].tolist():
-                    versions.pop(number, None)
-                if has_mask:
-                    mask = payload[n_dead:].reshape(B, L).astype(mx.bool_)
-            if op == STOP:
-                return
-            cache.restore(versions[base])
-            if op == ENCODE:
-                cache.remember_mask(mask, B, L)
-            h = self._stage(cache, B, L, encode=op == ENCODE)
-            mx.eval(h, cache.state())
+            with self._waiting({ENCODE: "an encoder pass", DENOISE: "a decoder pass"}.get(op, "stopping")):
+                mask = None
+                if n_dead + has_mask * B * L:
+                    size = n_dead + has_mask * B * L
+                    payload = mx.distributed.all_sum(mx.zeros((size,), dtype=mx.int32), group=self.group)
+                    mx.eval(payload)
+                    for number in payload[:n_dead].tolist():
+                        versions.pop(number, None)
+                    if has_mask:
+                        mask = payload[n_dead:].reshape(B, L).astype(mx.bool_)
+                if op == STOP:
+                    return
+                cache.restore(versions[base])
+                if op == ENCODE:
+                    cache.remember_mask(mask, B, L)
+                h = self._stage(cache, B, L, encode=op == ENCODE)
+                mx.eval(h, cache.state())
             if op == ENCODE:
                 cache.offset += L
                 versions[new] = cache.snapshot()

@@ -5,6 +5,7 @@
                          experts or experts-partial (each rank's weighted sum all-summed)
     missing FOLDER       rank 1 is given a folder that does not exist
     die FOLDER           rank 1 dies during the first decoder pass of `python -m mlx_dgemma.generate`
+    stuck RANK FOLDER    that rank stops itself (SIGSTOP: alive, silent) in the first decoder pass of `generate`
 """
 
 import json
@@ -104,6 +105,37 @@ def die(folder):
     print(json.dumps({"code": code}), flush=True)
 
 
+def stuck(rank, folder):
+    import signal
+
+    from mlx_dgemma.sharded import DENOISE
+
+    def stop():
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    if os.environ.get("MLX_RANK") == rank == "1":
+        stage = ShardedModel._stage
+
+        def stuck_stage(self, cache, B, L, encode):
+            if not encode:
+                stop()
+            return stage(self, cache, B, L, encode)
+
+        ShardedModel._stage = stuck_stage
+    elif os.environ.get("MLX_RANK") == rank == "0":
+        announce = ShardedModel._announce
+
+        def stuck_announce(self, op, *args, **kwargs):
+            announce(self, op, *args, **kwargs)
+            if op == DENOISE:  # rank 1 now waits in the pass for rank 0's hidden states
+                stop()
+
+        ShardedModel._announce = stuck_announce
+    from mlx_dgemma.generate import main
+
+    main(["--model", folder, "-p", "hello", "--seed", "0", "--pipeline", "--peer-timeout", "3", "--verbose", "false"])
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    {"parity": parity, "missing": missing, "die": die}[command](*rest)
+    {"parity": parity, "missing": missing, "die": die, "stuck": stuck}[command](*rest)

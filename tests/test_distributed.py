@@ -112,6 +112,30 @@ def test_a_rank_that_dies_ends_the_run_with_a_message(tiny_chat_folder):
     assert "error: another rank left the run" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_is_stuck_ends_the_run_with_a_message(tiny_chat_folder, rank, tmp_path):
+    # stopped, not killed: its sockets stay open, so the ring backend never fails; the other rank's watchdog
+    # (--peer-timeout 3) ends it. The stopped rank is left to the test to kill (mlx.launch cannot stop it).
+    if LAUNCH is None:
+        pytest.skip("mlx.launch is not installed")
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--",
+           sys.executable, str(HERE / "distributed_run.py"), "stuck", str(rank), str(tiny_chat_folder)]
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_dgemma.__file__).parent.parent)}
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    other = 1 - rank
+    expected = f"error: rank {other}: a decoder pass waited more than 3s for the other ranks: one is stuck"
+    try:
+        deadline = time.time() + TIMEOUT
+        while expected not in log.read_text():
+            assert time.time() < deadline, "no message from the waiting rank:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_layer_split_even_weighted_and_bad():
     assert split_layers(30, 2) == [range(0, 15), range(15, 30)]
     assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
