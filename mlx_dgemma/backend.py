@@ -29,6 +29,14 @@ class Profile:
     keep_buffers: bool  # MLX's CPU buffer cache raised to the memory limit (Metal's default)
     wire_memory: bool  # wire the model's weights during generation (Metal; `wired_memory`)
 
+    def expert_block(self, rows: int, experts: int) -> int:
+        """Rows per block for the blocked experts, from the shape alone (`rows` (token, expert) pairs over
+        `experts`): each expert's rows are padded to a multiple of the block, so a small step pays for padding
+        and a large one for thin products. On the 2-core x86 CPU (bench checkpoint, hidden 1024, 32 experts
+        of 256, process CPU time per layer): 16-row blocks took 27/40/104 ms at 16/48/128 tokens against
+        38/68/139 ms for 32-row ones, and 112 against 105 ms at 256 tokens (64 rows per expert)."""
+        return 16 if rows < 48 * experts else 32
+
 
 CPU = Profile("cpu", lanes=True, fast_math=True, blocked_experts=True, keep_buffers=True, wire_memory=False)
 GPU = Profile("gpu", lanes=False, fast_math=False, blocked_experts=False, keep_buffers=False, wire_memory=True)

@@ -162,7 +162,11 @@ class Experts(nn.Module):
 
     def expert_rows(self, x: mx.array, idx: mx.array) -> mx.array:
         """Every (token, slot)'s expert output, `[n, k, H]` for `x` `[n, H]` and `idx` `[n, k]` (uint32)."""
-        return self._blocked(x, idx) if backend.current().blocked_experts else self._sorted_rows(x, idx)
+        profile = backend.current()
+        if not profile.blocked_experts:
+            return self._sorted_rows(x, idx)
+        # the block from the whole layer's expert count, so every rank lays the rows out as one process does
+        return self._blocked(x, idx, profile.expert_block(idx.size, self.layout_experts or self.num_experts))
 
     @staticmethod
     def combine(y: mx.array, weights: mx.array) -> mx.array:
@@ -185,7 +189,7 @@ class Experts(nn.Module):
         y = self._glu(x[order // k][:, None, :], self._held(flat[order]), True)
         return y[mx.argsort(order)].reshape(n, k, -1)
 
-    def _blocked(self, x, idx, block: int = 32):
+    def _blocked(self, x, idx, block: int):
         # CPU profile: row-by-row gathered matmuls run at matrix-vector speed on a CPU. Lay the (token, expert)
         # rows out in blocks of `block` rows that all belong to one expert (each expert's rows padded to a
         # multiple of `block`), so every block is a real matrix-matrix product. Shapes depend only on the

@@ -47,9 +47,11 @@ def test_gpu_path_experts_equal_cpu_path(routing, quantized):
     x = mx.random.normal((40, 64), key=mx.random.key(1))
     counts = np.bincount(ROUTINGS[routing].ravel(), minlength=8)
     assert (counts > 0).all() if routing == "every expert" else (counts == 0).sum() == 5
-    blocked, sorted_rows = module._blocked(x, idx), module._sorted_rows(x, idx)
-    assert blocked.shape == sorted_rows.shape == (40, 2, 64)
-    assert np.abs(np.array(blocked) - np.array(sorted_rows)).max() < 1e-5
+    sorted_rows = module._sorted_rows(x, idx)
+    for block in (16, 32):  # both block sizes the CPU profile picks from
+        blocked = module._blocked(x, idx, block)
+        assert blocked.shape == sorted_rows.shape == (40, 2, 64)
+        assert np.abs(np.array(blocked) - np.array(sorted_rows)).max() < 1e-5
     # and the whole layer, weights included, under each profile
     weights = mx.softmax(mx.random.normal((40, 2), key=mx.random.key(2)), axis=-1)
     outs = []
@@ -98,3 +100,11 @@ def test_environment_picks_the_profile_in_a_fresh_process():
     env = {"PYTHONPATH": str(ROOT), "MLX_DGEMMA_PROFILE": "gpu", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "gpu", out.stderr
+
+
+def test_cpu_expert_block_follows_the_rows_per_expert():
+    cpu = backend.resolve("cpu")
+    assert cpu.expert_block(16 * 8, 32) == 16  # a small step: 4 rows per expert, less padding
+    assert cpu.expert_block(256 * 8, 128) == 16  # the released model's canvas: 16 rows per expert
+    assert cpu.expert_block(256 * 8, 32) == 32  # 64 rows per expert: fuller products
+
