@@ -28,6 +28,11 @@ class Profile:
     blocked_experts: bool  # experts as blocks of rows of one expert (CPU) instead of rows sorted by expert (GPU)
     keep_buffers: bool  # MLX's CPU buffer cache raised to the memory limit (Metal's default)
     wire_memory: bool  # wire the model's weights during generation (Metal; `wired_memory`)
+    # The fewest positions a compacted fast-sampler step computes (`compact.bucket`). On the CPU a step over 16
+    # positions costs about what one over 4 does (the LM head's read of the embedding dominates); on a GPU the
+    # routed experts' weight reads fall with fewer positions (16 positions read ~82 of 128 experts a layer, 4
+    # read ~29; `benchmarks/break_even.py`, an estimate), so the GPU profile goes down to 4.
+    smallest_bucket: int = 16
 
     def expert_block(self, rows: int, experts: int) -> int:
         """Rows per block for the blocked experts, from the shape alone (`rows` (token, expert) pairs over
@@ -39,7 +44,8 @@ class Profile:
 
 
 CPU = Profile("cpu", lanes=True, fast_math=True, blocked_experts=True, keep_buffers=True, wire_memory=False)
-GPU = Profile("gpu", lanes=False, fast_math=False, blocked_experts=False, keep_buffers=False, wire_memory=True)
+GPU = Profile("gpu", lanes=False, fast_math=False, blocked_experts=False, keep_buffers=False, wire_memory=True,
+              smallest_bucket=4)
 PROFILES = {p.name: p for p in (CPU, GPU)}
 
 _active: Profile | None = None

@@ -16,13 +16,14 @@ import mlx.core as mx
 
 from .fast_sampler import gathered_soft_embedding
 
-BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+BUCKETS = (4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
-def bucket(count: int, canvas_length: int) -> int:
-    """The computed-position count for `count` positions that need computing (at least 1, at most C)."""
+def bucket(count: int, canvas_length: int, smallest: int = 16) -> int:
+    """The computed-position count for `count` positions that need computing (at least 1, at most C), never
+    below `smallest` (the device profile's `smallest_bucket`)."""
     for b in BUCKETS:
-        if b >= count:
+        if b >= count and b >= smallest:
             return min(b, canvas_length)
     return canvas_length if count <= canvas_length else -(-count // 64) * 64
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
+from . import backend
 from .compact import bucket, denoise_positions, needed_positions, scatter_rows, soft_embedding_rows, take_rows
 from .config import SamplerConfig
 from .fast_sampler import top_k_statistics
@@ -105,6 +106,7 @@ def fast_canvas(
     soft, buffers = None, [(None, None)] * len(model.layers)
     history = mx.full((settings.stability_threshold, B, C), -1, dtype=mx.int32) if settings.stability_threshold else None
     size, steps, repairing = C, 0, False
+    smallest = backend.current().smallest_bucket
 
     while True:
         last = steps + 1 == n
@@ -189,9 +191,9 @@ def fast_canvas(
             break
         if host[0]:
             if fast.repair and last and fast.freeze and host[1] > 0:
-                repairing, size = True, bucket(host[1], C)
+                repairing, size = True, bucket(host[1], C, smallest)
                 done = finished | ~mx.any(flushed, axis=1)  # only rows the cap flushed run the repair pass
                 continue
             break
-        size = bucket(max(host[1], 1), C) if compacting else C
+        size = bucket(max(host[1], 1), C, smallest) if compacting else C
     return argmax, steps

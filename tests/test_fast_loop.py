@@ -90,6 +90,22 @@ def test_buckets_cap_the_shapes():
     assert [bucket(n, 256) for n in (1, 16, 17, 100, 256)] == [16, 16, 32, 128, 256]
     assert bucket(3, 20) == 16 and bucket(17, 20) == 20
     assert len({bucket(n, 256) for n in range(1, 257)}) == 10
+    assert [bucket(n, 256, smallest=4) for n in (1, 4, 5, 9, 17)] == [4, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("profile, smallest", [("cpu", 16), ("gpu", 4)])
+def test_the_profile_sets_the_smallest_step(no_eos, profile, smallest):
+    """Late steps with few open positions run at the profile's smallest bucket (the GPU's is 4: fewer positions
+    read fewer experts). A loose entropy bound commits most positions early; the never-met confidence keeps the
+    last ones open for a few steps."""
+    from mlx_dgemma import backend
+
+    stats = DiffusionStats()
+    with backend.using(profile):
+        out = generate_tokens(no_eos, [[2, 10, 11]], max_tokens=32, seed=0, sampler="fast", stats=stats,
+                              max_denoising_steps=12, confidence_threshold=1e-30, entropy_bound=60.0)
+    assert len(out[0]) == 32
+    assert no_eos.args.canvas_length == 16 and min(stats.step_shapes) == smallest
 
 
 # --- counting the work -----------------------------------------------------------------------------------------
