@@ -96,9 +96,10 @@ def fast_worker(checkpoint: str, prompt_len: int = 64, live=LIVE, trace: str | N
 
     cache = encoded_prompt()
     first = step(cache, None, C)
-    recorded = json.loads(Path(trace).read_text()) if trace else None
-    shapes = sorted({int(s) for s in live} | ({s for g in recorded["generations"] for c in g["canvas_shapes"] for s in c}
-                                              if recorded else set()), reverse=True)
+    traces = [trace] if isinstance(trace, str) else list(trace or [])
+    recorded = [json.loads(Path(t).read_text()) for t in traces]
+    shapes = sorted({int(s) for s in live} | {s for r in recorded for g in r["generations"] for c in g["canvas_shapes"]
+                                              for s in c}, reverse=True)
     per_shape, cpu_shape = {}, {}
     for count in shapes:
         step(cache, first, count)  # warm-up: the shape's first graph
@@ -120,8 +121,7 @@ def fast_worker(checkpoint: str, prompt_len: int = 64, live=LIVE, trace: str | N
                step_ms_by_shape={str(k): v["median"] for k, v in per_shape.items()}, first_step_ms=first_ms,
                prefill_ms=prefill_ms, encode_canvas_ms=round(encode_ms, 1), gemm_gflops=round(blas.gemm_rate(), 1),
                loadavg=common.loadavg(), machine=common.machine_info())
-    if recorded:
-        out["replay"] = replay(recorded, out)
+    out["replays"] = [replay(r, out) for r in recorded]
     return out
 
 
@@ -139,6 +139,7 @@ def replay(recorded: dict, timed: dict) -> dict:
     gens = recorded["generations"]
     ref_tokens = sum(g.get("reference_tokens", 0) for g in gens)
     return dict(generations=len(gens), tokens=tokens, steps=steps, seconds=round(total_ms / 1e3, 2),
+                levers=recorded.get("levers"),
                 tok_s=round(tokens / (total_ms / 1e3), 2), source=recorded.get("source"),
                 visits_per_token=sum(g["visits"] for g in gens) / max(tokens, 1),
                 reference_steps=sum(g.get("reference_steps", 0) for g in gens),

@@ -1,6 +1,6 @@
 """mlx_dgemma beside its peers on the bench checkpoint, in one run: ms per denoising step, generation, memory.
 
-    python benchmarks/generate.py [--checkpoint DIR] [--repeats N] [--peers reference,mlxvlm,mlxlm_ar] [--trace F]
+    python benchmarks/generate.py [--checkpoint DIR] [--repeats N] [--peers reference,mlxvlm,mlxlm_ar] [--trace F ...]
 
 The bench checkpoint has the released model's proportions at a size this machine can time (vocabulary 262,144,
 canvas 256, 5 sliding : 1 full layers, 32 experts top-8, hidden 1024; built with the reference on first use).
@@ -95,8 +95,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="bench checkpoint folder (built on first use)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--peers", default="reference,mlxvlm,mlxlm_ar")
-    p.add_argument("--trace", help="per-step shapes the fast sampler recorded on a trained canvas-256 model "
-                                   "(`benchmarks/fast_speed.py record`), replayed on the bench checkpoint")
+    p.add_argument("--trace", nargs="+", default=[],
+                   help="per-step shapes the fast sampler recorded on a trained canvas-256 model "
+                        "(`benchmarks/fast_speed.py record`), replayed on the bench checkpoint; several: one replay each")
     p.add_argument("--out", default=str(common.REPO_ROOT / ".cache" / "bench-generate.json"))
     a = p.parse_args(argv)
     checkpoint = common.ensure_bench_checkpoint(a.checkpoint)
@@ -161,19 +162,27 @@ def print_fast(results: dict, checkpoint):
     ref_cpu = (ours.get("generate_cpu_ms") or {}).get("median", 0) / STEPS
     print(f"{'reference, 256':>16s}{per_step(ours):10.0f}{ref_cpu:9.0f}{ref_flops / 1e9:8.1f}{ref_floor:10.0f}"
           f"{per_step(ours) / ref_floor:9.2f}   (a step of the 16-step generation, sampler included)")
-    replay = fast.get("replay")
-    if not replay:
+    replays = fast.get("replays") or []
+    if not replays:
         print("(no --trace: no replayed workload)")
-        return
+    for replay in replays:
+        print_replay(results, replay)
+
+
+def print_replay(results: dict, replay: dict):
+    """One replayed trace: the fast sampler's tokens per second against the reference sampler's (when the trace
+    recorded it) and autoregressive decoding's."""
+    ours = results["mlx_dgemma"]
     ref_s = replay["reference_steps"] * per_step(ours) / 1e3
     ref_tps = replay["reference_tokens"] / ref_s if ref_s else 0.0
     print(f"\nreplayed workload ({replay['source']}: {replay['generations']} generations, {replay['tokens']} tokens, "
           f"{replay['steps']} fast steps; random weights never converge, so the bench checkpoint replays the "
           f"per-step live-position counts the fast sampler recorded on the trained model, composed from the "
-          f"measured time of each shape)")
+          f"measured time of each shape; levers {json.dumps(replay.get('levers'), sort_keys=True)})")
     print(f"  fast sampler       {replay['tok_s']:8.1f} tok/s   {replay['visits_per_token']:6.1f} visits/token")
-    print(f"  reference sampler  {ref_tps:8.1f} tok/s   {replay['reference_visits_per_token']:6.1f} visits/token   "
-          f"(its recorded {replay['reference_steps']} steps x the measured {per_step(ours):.0f} ms/step)")
+    if ref_tps:
+        print(f"  reference sampler  {ref_tps:8.1f} tok/s   {replay['reference_visits_per_token']:6.1f} visits/token   "
+              f"(its recorded {replay['reference_steps']} steps x the measured {per_step(ours):.0f} ms/step)")
     if "mlxlm_ar" in results:
         ar = results["mlxlm_ar"]["decode_tok_s"]
         print(f"  mlx-lm autoregressive {ar:5.1f} tok/s   1.0 visits/token")
