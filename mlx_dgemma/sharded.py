@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 import weakref
 from dataclasses import replace
 
@@ -39,8 +40,8 @@ from .model import Experts, Model
 from .watchdog import DEFAULT_PEER_TIMEOUT, Watchdog
 
 MODES = ("pipeline", "experts")
-ENCODE, DENOISE, STOP = 1, 2, 3
-HEADER = 8  # op, batch, length, has_mask, base version, new version, dead versions, spare
+ENCODE, DENOISE, STOP, REST = 1, 2, 3, 4
+HEADER = 8  # op, batch, length (REST: milliseconds), has_mask, base version, new version, dead versions, spare
 
 
 class DistributedError(ValueError):
@@ -279,6 +280,17 @@ class ShardedModel(Model):
     def _waiting(self, what: str):
         return self._watchdog.waiting(what) if self._watchdog is not None else contextlib.nullcontext()
 
+    def rest(self, seconds: float):
+        """Rank 0 has nothing to run for about `seconds` (a server with no request): the other ranks sleep that
+        long rather than spin in MLX's ring wait for the next header (a pass announced sooner waits for them)."""
+        if self.size == 1 or self._closed or not self._lock.acquire(blocking=False):
+            return
+        try:
+            with self._waiting("a rest announcement"):
+                self._announce(REST, L=int(seconds * 1000))
+        finally:
+            self._lock.release()
+
     def _announce(self, op, cache=None, B=0, L=0, mask=None, new=0):
         if self.size == 1:
             return
@@ -317,7 +329,7 @@ class ShardedModel(Model):
             # waiting for the header is idle time (rank 0 may have nothing to do); what follows it is bounded
             header = mx.distributed.all_sum(mx.zeros((HEADER,), dtype=mx.int32), group=self.group).tolist()
             op, B, L, has_mask, base, new, n_dead, _ = header
-            with self._waiting({ENCODE: "an encoder pass", DENOISE: "a decoder pass"}.get(op, "stopping")):
+            with self._waiting({ENCODE: "an encoder pass", DENOISE: "a decoder pass"}.get(op, "a header")):
                 mask = None
                 if n_dead + has_mask * B * L:
                     size = n_dead + has_mask * B * L
@@ -327,14 +339,17 @@ class ShardedModel(Model):
                         versions.pop(number, None)
                     if has_mask:
                         mask = payload[n_dead:].reshape(B, L).astype(mx.bool_)
-                if op == STOP:
-                    return
-                cache.restore(versions[base])
-                if op == ENCODE:
-                    cache.remember_mask(mask, B, L)
-                h = self._stage(cache, B, L, encode=op == ENCODE)
-                mx.eval(h, cache.state())
-            if op == ENCODE:
+                if op in (ENCODE, DENOISE):
+                    cache.restore(versions[base])
+                    if op == ENCODE:
+                        cache.remember_mask(mask, B, L)
+                    h = self._stage(cache, B, L, encode=op == ENCODE)
+                    mx.eval(h, cache.state())
+            if op == STOP:
+                return
+            if op == REST:
+                time.sleep(L / 1000)
+            elif op == ENCODE:
                 cache.offset += L
                 versions[new] = cache.snapshot()
 

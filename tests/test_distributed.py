@@ -215,6 +215,7 @@ def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, on
                 assert time.time() < deadline, "the two-rank server did not come up:\n" + log.read_text()[-3000:]
                 time.sleep(0.2)
         replies = chat_requests(url)
+        idle_cpu = worker_cpu_seconds(proc.pid, over=4.0)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -222,3 +223,31 @@ def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, on
     assert replies == one_process_replies
     assert replies[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the second request reused the first
     assert "distributed: 2 ranks" in log.read_text() and "one request at a time" in log.read_text()
+    # with no request, rank 1 sleeps between rank 0's rest announcements (~0.05 s of CPU in 4 s here) instead of
+    # spinning in the ring backend's wait for the next header (a whole core, or its share of a loaded machine)
+    assert idle_cpu is None or idle_cpu < 0.4, idle_cpu
+
+
+def worker_cpu_seconds(session: int, over: float) -> float | None:
+    """CPU seconds rank 1 of the server in this session used in `over` seconds (None without Linux's /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    pid = None
+    for entry in proc.iterdir():
+        try:
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == session and \
+                    b"MLX_RANK=1" in (entry / "environ").read_bytes().split(b"\0") and \
+                    b"mlx_dgemma.server" in (entry / "cmdline").read_bytes():
+                pid = entry.name
+        except OSError:
+            continue
+    assert pid is not None, "rank 1 of the server not found"
+
+    def cpu() -> float:
+        fields = (proc / pid / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu()
+    time.sleep(over)
+    return cpu() - before

@@ -32,6 +32,9 @@ from .errors import RequestError
 from .request import GenerationRequest
 
 log = logging.getLogger("mlx_dgemma.server")
+IDLE_SECONDS = 1.0  # how long the thread waits for work before it looks again
+REST_SECONDS = 0.25  # the same with a distributed model, whose other ranks sleep that long each time: the most a
+# request that comes meanwhile waits for them to wake
 
 
 class QueueFull(Exception):
@@ -174,12 +177,20 @@ class Scheduler:
     # --- the thread ------------------------------------------------------------------------------------------
 
     def _run(self):
+        rest = getattr(self.model, "rest", None)  # a distributed model's other ranks sleep while nothing runs
+        pause = IDLE_SECONDS if rest is None else REST_SECONDS
         while True:
             with self._cv:
-                while not self._stopping and not self._queue and not self._busy():
-                    self._cv.wait(1.0)
+                idle = not self._stopping and not self._queue and not self._busy()
+                if idle:
+                    self._cv.wait(pause)
+                    idle = not self._stopping and not self._queue and not self._busy()
                 if self._stopping:
                     break
+            if idle:
+                if rest is not None:
+                    rest(pause)  # outside the lock: requests queue meanwhile
+                continue
             self._admit()
             batch = self._next_batch()
             if batch is None:
