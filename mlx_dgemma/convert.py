@@ -10,12 +10,11 @@ The library lives below: `convert()` and `estimate()` in `conversion.py`, the pl
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
-import types
 
 from .config import DTYPES, QUANT_RECIPES
+from .reexports import lazy_reexports
 
 MAX_SHARD_HELP = "5GB"  # conversion.MAX_SHARD_BYTES, mlx-lm's shard size
 
@@ -26,7 +25,6 @@ _LIBRARY = {
     "conversion": ("MAX_SHARD_BYTES", "COPIED_FILES", "staged_folder", "shard", "shard_filenames", "write_folder",
                    "convert", "COMPONENTS", "estimate"),
 }
-_HOME = {name: module for module, names in _LIBRARY.items() for name in names}
 
 
 def parse_size(text: str) -> int:
@@ -107,19 +105,7 @@ def main(argv=None):
         return 130
 
 
-class _CallableModule(types.ModuleType):
-    """`mlx_dgemma.convert` is this module (for `python -m`) and also works as the `convert` function."""
-
-    def __call__(self, *args, **kwargs):
-        return self.convert(*args, **kwargs)
-
-    def __getattr__(self, name):
-        if name in _HOME:
-            return getattr(importlib.import_module(f".{_HOME[name]}", __package__), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-sys.modules[__name__].__class__ = _CallableModule
+lazy_reexports(__name__, _LIBRARY, call="convert")
 
 if __name__ == "__main__":
     sys.exit(main())

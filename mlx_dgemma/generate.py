@@ -8,9 +8,7 @@ MLX), and the module itself can be called like the `generate` function.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import types
 
 from .cli import (
     SAMPLER_FLAGS,
@@ -24,13 +22,13 @@ from .cli import (
     lost_rank_message,
     str2bool,
 )
+from .reexports import lazy_reexports
 
 _LIBRARY = {
     "diffusion": ("RandomSource", "Draft", "Canvas", "DiffusionStats", "left_pad", "prefill", "lane_statistics",
                   "diffuse", "resolve_settings", "initial_canvas_ids", "cut_at_eos", "generate_tokens"),
     "text_generation": ("GenerationResponse", "prompt_ids", "stream_generate", "generate", "print_stats"),
 }
-_HOME = {name: module for module, names in _LIBRARY.items() for name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,19 +107,7 @@ def main(argv=None) -> int:
 
 
 
-class _CallableModule(types.ModuleType):
-    """`mlx_dgemma.generate` is this module (for `python -m`) and also works as the `generate` function."""
-
-    def __call__(self, *args, **kwargs):
-        return self.generate(*args, **kwargs)
-
-    def __getattr__(self, name):
-        if name in _HOME:
-            return getattr(importlib.import_module(f".{_HOME[name]}", __package__), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-sys.modules[__name__].__class__ = _CallableModule
+lazy_reexports(__name__, _LIBRARY, call="generate")
 
 if __name__ == "__main__":
     sys.exit(main())

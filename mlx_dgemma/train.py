@@ -33,11 +33,11 @@ load MLX).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
-import types
 from pathlib import Path
+
+from .reexports import lazy_reexports
 
 _LIBRARY = {
     "train_data": ("GROUP", "DataError", "Example", "read_jsonl", "tokenize", "load_examples", "canvases_needed",
@@ -48,7 +48,6 @@ _LIBRARY = {
                 "latest_checkpoint", "load_checkpoint", "TrainConfig", "make_schedule", "Progress", "evaluate",
                 "train"),
 }
-_HOME = {name: module for module, names in _LIBRARY.items() for name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,16 +183,7 @@ def main(argv=None):
         return 130
 
 
-class _LazyModule(types.ModuleType):
-    """Re-exports the library's names on first use (`from mlx_dgemma.train import train` keeps working)."""
-
-    def __getattr__(self, name):
-        if name in _HOME:
-            return getattr(importlib.import_module(f".{_HOME[name]}", __package__), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-sys.modules[__name__].__class__ = _LazyModule
+lazy_reexports(__name__, _LIBRARY)
 
 if __name__ == "__main__":
     sys.exit(main())
