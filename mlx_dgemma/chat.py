@@ -171,6 +171,8 @@ class Repl:
         self.say(reply.stats_line())
 
     def run(self) -> int:
+        from .sharded import resting
+
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
@@ -178,7 +180,8 @@ class Repl:
         self.say("Type a message; h for help, q to quit.")
         while True:
             try:
-                line = input(">> ")
+                with resting(self.session.model):  # a distributed model's other ranks sleep while you type
+                    line = input(">> ")
             except EOFError:
                 self.say()
                 return 0

@@ -202,6 +202,11 @@ class ShardedCache(Cache):
             raise DistributedError("dropping batch rows is not supported with --pipeline or --experts-parallel yet")
 
 
+def resting(model):
+    """`model.resting()` for a distributed model, else nothing."""
+    return model.resting() if isinstance(model, ShardedModel) else contextlib.nullcontext()
+
+
 # --- the model on each rank ----------------------------------------------------------------------------------------
 
 
@@ -290,6 +295,31 @@ class ShardedModel(Model):
                 self._announce(REST, L=int(seconds * 1000))
         finally:
             self._lock.release()
+
+    @contextlib.contextmanager
+    def resting(self, every: float = 0.25):
+        """While rank 0 waits on something other than MLX (a chat's prompt), a thread has the other ranks rest in
+        `every`-second naps. Rank 0's own threads must run nothing of MLX meanwhile."""
+        if self.rank != 0 or self.size == 1:
+            yield
+            return
+        stop = threading.Event()
+
+        def nap():
+            try:
+                while not stop.is_set():
+                    self.rest(every)
+                    stop.wait(every)
+            except RuntimeError:
+                pass  # a rank left: rank 0's next pass says so
+
+        thread = threading.Thread(target=nap, name="mlx_dgemma-rest", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _announce(self, op, cache=None, B=0, L=0, mask=None, new=0):
         if self.size == 1:

@@ -215,7 +215,7 @@ def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, on
                 assert time.time() < deadline, "the two-rank server did not come up:\n" + log.read_text()[-3000:]
                 time.sleep(0.2)
         replies = chat_requests(url)
-        idle_cpu = worker_cpu_seconds(proc.pid, over=4.0)
+        idle_cpu = worker_cpu_seconds(proc.pid, "mlx_dgemma.server", over=4.0)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -228,8 +228,8 @@ def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, on
     assert idle_cpu is None or idle_cpu < 0.4, idle_cpu
 
 
-def worker_cpu_seconds(session: int, over: float) -> float | None:
-    """CPU seconds rank 1 of the server in this session used in `over` seconds (None without Linux's /proc)."""
+def worker_cpu_seconds(session: int, module: str, over: float) -> float | None:
+    """CPU seconds rank 1 of `python -m module` in this session used in `over` seconds (None without /proc)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return None
@@ -238,11 +238,11 @@ def worker_cpu_seconds(session: int, over: float) -> float | None:
         try:
             if entry.name.isdigit() and os.getsid(int(entry.name)) == session and \
                     b"MLX_RANK=1" in (entry / "environ").read_bytes().split(b"\0") and \
-                    b"mlx_dgemma.server" in (entry / "cmdline").read_bytes():
+                    module.encode() in (entry / "cmdline").read_bytes():
                 pid = entry.name
         except OSError:
             continue
-    assert pid is not None, "rank 1 of the server not found"
+    assert pid is not None, f"rank 1 of {module} not found"
 
     def cpu() -> float:
         fields = (proc / pid / "stat").read_text().rsplit(")", 1)[1].split()
@@ -251,3 +251,33 @@ def worker_cpu_seconds(session: int, over: float) -> float | None:
     before = cpu()
     time.sleep(over)
     return cpu() - before
+
+
+def test_the_chat_under_mlx_launch_rests_the_other_rank_at_its_prompt(tiny_chat_folder, tmp_path):
+    if LAUNCH is None:
+        pytest.skip("mlx.launch is not installed")
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--",
+           sys.executable, "-m", "mlx_dgemma.chat", "--model", str(tiny_chat_folder), "--pipeline", "--seed", "0",
+           "-m", "8", "--no-canvas"]
+    env = {**os.environ, "PYTHONPATH": str(Path(mlx_dgemma.__file__).parent.parent)}
+    log = tmp_path / "chat.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while "Type a message" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # at the prompt now
+        idle_cpu = worker_cpu_seconds(proc.pid, "mlx_dgemma.chat", over=4.0)
+        proc.stdin.write(b"hello\nq\n")
+        proc.stdin.flush()
+        code = proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.read_text()[-3000:]
+    assert "tokens" in log.read_text().split("Type a message", 1)[1]  # the reply's stats line came
+    assert idle_cpu is None or idle_cpu < 0.4, idle_cpu  # asleep, not spinning in the ring's wait (see above)
