@@ -89,6 +89,44 @@ class Cache:
         arrays = [a for layer in self.layers for a in layer.state() if a is not None]
         return arrays + ([self.token_mask] if self.token_mask is not None else [])
 
+    # --- a server's batch: rows joining and leaving (`server/batch.py`) ----------------------------------------
+
+    def reframe(self, model, offset: int, real_lengths: list[int]):
+        """Move every row into the frame that ends at `offset` (in place). `real_lengths` are the rows' token
+        counts, none above `offset`: what is cut from the left is padding only. Shifting a row by `d` positions
+        rotates its cached keys by `d` (RoPE angles add, so the relative positions attention sees are unchanged)
+        and pads or trims its left padding; values carry no position. `model.layers[i].self_attn` rotates."""
+        if max(real_lengths) > offset:
+            raise ValueError(f"a row of {max(real_lengths)} tokens does not fit a frame of {offset}")
+        delta = offset - self.offset
+        for layer, lc in zip(model.layers, self.layers):
+            if lc.keys is None:
+                continue
+            length = offset if lc.keep is None else min(offset, lc.keep)
+            keys = _fit_left(lc.keys, length, axis=2)
+            lc.keys = _rotate(layer.self_attn, keys, delta) if delta else keys
+            lc.values = _fit_left(lc.values, length, axis=2)
+        if all(n == offset for n in real_lengths):
+            self.token_mask = None
+        else:
+            mask = self.token_mask if self.token_mask is not None else mx.ones((len(real_lengths), self.offset), dtype=mx.bool_)
+            self.token_mask = _fit_left(mask, offset, axis=1)
+        self.offset = offset
+
+    def join(self, caches: list[Cache], rows: list[int]):
+        """Become the rows of `caches` (empty before; `rows[i]` rows each, all in one frame) one after another."""
+        self.offset = caches[0].offset
+        for i, lc in enumerate(self.layers):
+            parts = [c.layers[i] for c in caches]
+            if parts[0].keys is not None:
+                lc.keys = mx.concatenate([p.keys for p in parts], axis=0)
+                lc.values = mx.concatenate([p.values for p in parts], axis=0)
+        if any(c.token_mask is not None for c in caches):
+            self.token_mask = mx.concatenate([
+                c.token_mask if c.token_mask is not None else mx.ones((n, self.offset), dtype=mx.bool_)
+                for c, n in zip(caches, rows)
+            ], axis=0)
+
     def snapshot(self):
         """The cache's state, by reference: its arrays are replaced, never modified, when it grows."""
         return self.offset, self.token_mask, [(layer.keys, layer.values) for layer in self.layers]
@@ -133,3 +171,25 @@ class Cache:
         keys_real = self.token_mask[:, self.offset - cached :]
         keys_real = mx.concatenate([keys_real, mx.ones((keys_real.shape[0], canvas_length), dtype=mx.bool_)], axis=1)
         return keys_real[:, None, None, :]
+
+
+def _rotate(attention, keys: mx.array, delta: int) -> mx.array:
+    """Keys `[B, H, T, D]` rotated by `delta` positions each: with one position per sequence, RoPE's angle is the
+    offset alone."""
+    B, H, T, D = keys.shape
+    flat = keys.reshape(B * H * T, 1, D)
+    return attention.rope(flat, delta).reshape(B, H, T, D)
+
+
+def _fit_left(x: mx.array, length: int, axis: int) -> mx.array:
+    """Trim or zero-pad `x` on the left along `axis` to `length`."""
+    have = x.shape[axis]
+    if have > length:
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(have - length, None)
+        return x[tuple(index)]
+    if have < length:
+        shape = list(x.shape)
+        shape[axis] = length - have
+        return mx.concatenate([mx.zeros(shape, dtype=x.dtype), x], axis=axis)
+    return x

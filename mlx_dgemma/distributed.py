@@ -20,16 +20,16 @@ from .config import ModelArgs, SamplerConfig, read_json
 from .conversion_plan import make_plan, source_dtype
 from .cpu import keep_buffers
 from .model import VISION_PREFIXES, checkpoint_name, widen_cpu_experts
-from .quantize import apply_to_model
-from .sharded import (
+from .parallel import (
     MODES,
     DistributedError,
-    ShardedModel,
     expert_range,
     parse_split,
     peer_lost,
     split_layers,
 )
+from .quantize import apply_to_model
+from .sharded import ShardedModel
 from .watchdog import DEFAULT_PEER_TIMEOUT
 from .weights import list_tensors
 

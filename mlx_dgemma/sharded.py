@@ -1,6 +1,7 @@
 """One rank's part of the model, for several processes under MLX's own distributed backend (`mx.distributed`).
 
-Loading a rank's part and starting a run are in `distributed.py`.
+Loading a rank's part and starting a run are in `distributed.py`; how the model is split and the layers each
+mode adds to it, in `parallel.py`.
 
 Two ways to share the work (`--pipeline` or `--experts-parallel` on any command line):
 
@@ -17,9 +18,11 @@ stream. The other ranks only serve: before every encoder or decoder pass rank 0 
 the shapes, which cached state to run on) and the padding mask, so no rank ever decides anything by itself and none
 can diverge. MLX has no broadcast: an `all_sum` to which the others contribute zeros stands in for one.
 
-A worker mirrors rank 0's caches by version: every encode on rank 0 makes a new version, held by a small handle in
-rank 0's cache (so chat's snapshots and roll-backs carry it like any cache array); a worker keeps each version's
-arrays until rank 0 drops the last reference to its handle.
+A worker mirrors rank 0's caches by version: every encode on rank 0 makes a new version, and so does every change
+a server's batch makes to a cache (rows leaving, moved into a new frame, joined: `ShardedCache`), which the workers
+repeat on their layers. A version is held by a small handle in rank 0's cache (so chat's snapshots and roll-backs
+and the server's prompt cache carry it like any cache array); a worker keeps each version's arrays until rank 0
+drops the last reference to its handle.
 """
 
 from __future__ import annotations
@@ -29,141 +32,18 @@ import contextlib
 import threading
 import time
 import weakref
-from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import Cache, LayerCache
 from .config import ModelArgs
-from .model import Experts, Model
+from .model import Model
+from .parallel import Broadcast, DistributedError, Flag, Hop, ShardedExperts
 from .watchdog import DEFAULT_PEER_TIMEOUT, Watchdog
 
-MODES = ("pipeline", "experts")
-ENCODE, DENOISE, STOP, REST = 1, 2, 3, 4
-HEADER = 8  # op, batch, length (REST: milliseconds), has_mask, base version, new version, dead versions, spare
-
-
-class DistributedError(ValueError):
-    """The ranks cannot run this model together (world size, split, a rank's folder, a rank that left)."""
-
-
-def peer_lost(error: BaseException) -> bool:
-    """Whether an error is MLX's ring backend reporting that another rank went away."""
-    return isinstance(error, RuntimeError) and "[ring]" in str(error)
-
-
-# --- how the model is split ----------------------------------------------------------------------------------------
-
-
-def split_layers(n_layers: int, size: int, weights: list[float] | None = None) -> list[range]:
-    """Consecutive layer ranges, rank 0 first: even by default, else in proportion to `weights` (one per rank,
-    e.g. a Mac's memory), every rank getting at least one layer."""
-    if size > n_layers:
-        raise DistributedError(f"{size} ranks cannot share {n_layers} layers in a pipeline (at most one rank per layer)")
-    weights = [1.0] * size if weights is None else [float(w) for w in weights]
-    if len(weights) != size:
-        raise DistributedError(f"--pipeline-split has {len(weights)} entries for {size} ranks")
-    if any(w <= 0 for w in weights):
-        raise DistributedError(f"--pipeline-split entries must be positive, got {weights}")
-    share = [w / sum(weights) * n_layers for w in weights]
-    counts = [max(1, int(s)) for s in share]
-    while sum(counts) < n_layers:  # largest remainder first
-        counts[max(range(size), key=lambda r: share[r] - counts[r])] += 1
-    while sum(counts) > n_layers:
-        counts[max((r for r in range(size) if counts[r] > 1), key=lambda r: counts[r] - share[r])] -= 1
-    starts = [sum(counts[:r]) for r in range(size)]
-    return [range(s, s + c) for s, c in zip(starts, counts)]
-
-
-def expert_range(num_experts: int, rank: int, size: int) -> range:
-    if num_experts % size:
-        raise DistributedError(f"{num_experts} experts per layer do not divide among {size} ranks (--experts-parallel)")
-    per = num_experts // size
-    return range(rank * per, (rank + 1) * per)
-
-
-def parse_split(text: str | None) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise DistributedError(f"--pipeline-split {text!r}: expected comma-separated numbers, e.g. 2,1") from None
-
-
-# --- the pieces each mode adds to the model ------------------------------------------------------------------------
-
-
-class ShardedExperts(Experts):
-    """This rank's experts `[first, first + count)` of one layer, and one `all_sum` that joins the ranks' shares.
-
-    Exact (the default): every rank fills the `[tokens, top_k, hidden]` expert outputs of the slots it owns
-    (zeros in the others' slots), one `all_sum` makes the whole tensor on every rank (x + 0 is exact), and each
-    rank sums the slots by routing weight as one process does: the same bits as one process, top_k times the
-    bytes. Partial sums (`exact=False`): each rank sums its own slots and the `all_sum` adds the ranks' sums, a
-    different association than one process's sum over the top_k slots, so the output differs by rounding."""
-
-    def __init__(self, args: ModelArgs, first: int, count: int, group, exact: bool = True):
-        super().__init__(replace(args, num_experts=count))
-        self.first, self.layout_experts, self.group, self.exact = first, args.num_experts, group, exact
-
-    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        shape = x.shape
-        idx = idx.reshape(-1, idx.shape[-1]).astype(mx.uint32)
-        weights = weights.reshape(idx.shape)
-        local = ((idx >= self.first) & (idx < self.first + self.num_experts))[..., None]
-        y = mx.where(local, self.expert_rows(x.reshape(-1, shape[-1]), idx), 0)
-        if self.exact:
-            return self.combine(mx.distributed.all_sum(y, group=self.group), weights).reshape(shape)
-        return mx.distributed.all_sum(self.combine(y, weights), group=self.group).reshape(shape)
-
-
-def _check_announced(announced):
-    # A pass that reaches the other ranks without being announced (a loop that drives `model.layers` itself, as
-    # the fast sampler's compacted decoder does) would leave them waiting for a header that never comes.
-    if not announced.on:
-        raise DistributedError("this decoding path is not supported with --pipeline or --experts-parallel yet "
-                               "(use the reference sampler)")
-
-
-class _Broadcast(nn.Module):
-    """Experts mode, rank 0: the first layer, after handing its input to every rank."""
-
-    def __init__(self, layer, group, dtype, announced):
-        super().__init__()
-        self.layer, self.group, self.layer_type, self.dtype = layer, group, layer.layer_type, dtype
-        self.announced = announced
-
-    def __call__(self, h, *args, **kwargs):
-        _check_announced(self.announced)
-        return self.layer(mx.distributed.all_sum(h.astype(self.dtype), group=self.group), *args, **kwargs)
-
-
-class _Hop(nn.Module):
-    """Pipeline, rank 0: stands for the later ranks' layers. Sends h to rank 1 and gets the last rank's h back."""
-
-    def __init__(self, group, layer_type: str, dtype, announced):
-        super().__init__()
-        self.group, self.layer_type, self.dtype, self.announced = group, layer_type, dtype, announced
-
-    def __call__(self, h, *args, **kwargs):
-        _check_announced(self.announced)
-        sent = mx.distributed.send(h.astype(self.dtype), 1, group=self.group)  # the dtype rank 1 expects
-        return mx.distributed.all_sum(mx.depends(mx.zeros_like(h), sent), group=self.group)
-
-
-class _Flag:
-    """An on/off switch shared by the model and its collective layers, on for the span of `with flag:`."""
-
-    def __init__(self):
-        self.on = False
-
-    def __enter__(self):
-        self.on = True
-
-    def __exit__(self, *exc):
-        self.on = False
+ENCODE, DENOISE, STOP, REST, SELECT, REFRAME, JOIN = 1, 2, 3, 4, 5, 6, 7
+HEADER = 8  # op, batch, length (REST: milliseconds), has_mask, base version, new version, dead versions, extras
 
 
 class _Version:
@@ -188,18 +68,38 @@ class _Mirror(LayerCache):
 
 
 class ShardedCache(Cache):
-    def __init__(self, args: ModelArgs):
+    """Rank 0's cache: its own layers' state, and the workers' as a version. The batch surgery of a server
+    (rows leaving, reframed, joined) runs here and is announced, so every worker repeats it on its layers."""
+
+    def __init__(self, args: ModelArgs, model: ShardedModel):
         super().__init__(args)
         self.layers.append(_Mirror())
-        self.pending = []  # the pass's final hidden state: evaluating it runs every rank's part of an encode
+        self.model = model
 
-    def state(self):
-        return super().state() + self.pending
+    @contextlib.contextmanager
+    def _own_layers(self):
+        # the last entry holds a version, not arrays: out of the way of the per-layer surgery
+        mirror = self.layers.pop()
+        try:
+            yield
+        finally:
+            self.layers.append(mirror)
 
     def select(self, rows: list[int]):
-        # the workers' caches would keep every row: only the identity is safe (the server batches one request)
-        if list(rows) != list(range(self.batch_size or 0)):
-            raise DistributedError("dropping batch rows is not supported with --pipeline or --experts-parallel yet")
+        with self._own_layers():
+            super().select(rows)
+        self.model._mirror(SELECT, self, list(rows))
+
+    def reframe(self, model, offset: int, real_lengths: list[int]):
+        with self._own_layers():
+            super().reframe(model, offset, real_lengths)
+        self.model._mirror(REFRAME, self, [offset, *real_lengths])
+
+    def join(self, caches: list[Cache], rows: list[int]):
+        with self._own_layers():
+            super().join(caches, rows)
+        versions = [c.layers[-1].keys.number if c.layers[-1].keys is not None else 0 for c in caches]
+        self.model._mirror(JOIN, self, [x for pair in zip(versions, rows) for x in pair])
 
 
 def resting(model):
@@ -223,7 +123,7 @@ class ShardedModel(Model):
         self._versions = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._announced = _Flag()  # set while an announced pass builds its graph
+        self._announced = Flag()  # set while an announced pass builds its graph
         self._watchdog = Watchdog(self.rank, peer_timeout) if self.size > 1 else None
         for i in range(args.num_hidden_layers):
             if i not in layers:
@@ -238,15 +138,15 @@ class ShardedModel(Model):
         """After loading: rank 0's layer list gains the collectives that hand h to the other ranks."""
         if self.rank == 0 and self.size > 1:
             if self.mode == "pipeline":
-                hop = _Hop(self.group, self.layers[0].layer_type, self.dtype, self._announced)
+                hop = Hop(self.group, self.layers[0].layer_type, self.dtype, self._announced)
                 self.layers = self.layers[: len(self.owned)] + [hop]
             else:
-                self.layers[0] = _Broadcast(self.layers[0], self.group, self.dtype, self._announced)
+                self.layers[0] = Broadcast(self.layers[0], self.group, self.dtype, self._announced)
 
     # --- rank 0: the Model API, each pass announced first --------------------------------------------------------
 
     def make_cache(self) -> ShardedCache:
-        return ShardedCache(self.args)
+        return ShardedCache(self.args, self)
 
     def encode(self, input_ids, cache, attention_mask=None, *, images=None):
         if images is not None and self.size > 1:
@@ -261,7 +161,6 @@ class ShardedModel(Model):
             self._announce(ENCODE, cache, B, L, attention_mask, version.number)
             with self._announced:
                 h = super().encode(input_ids, cache, attention_mask)
-            cache.pending = [h]
             self._run(h, cache.state())
             cache.layers[-1].keys = cache.layers[-1].values = version
         return h
@@ -281,6 +180,16 @@ class ShardedModel(Model):
         # exit, could come between) and with no bound on waiting for a stuck rank.
         if self.size > 1:
             mx.eval(*arrays)
+
+    def _mirror(self, op, cache, extra: list[int]):
+        """Announce a change rank 0 made to `cache` (its new state is a new version on every worker)."""
+        if self.size == 1:
+            return
+        with self._lock, self._waiting("a cache operation"):
+            self._versions += 1
+            version = _Version(self._versions, self._dead)
+            self._announce(op, cache, new=version.number, extra=extra)
+            cache.layers[-1].keys = cache.layers[-1].values = version
 
     def _waiting(self, what: str):
         return self._watchdog.waiting(what) if self._watchdog is not None else contextlib.nullcontext()
@@ -321,16 +230,17 @@ class ShardedModel(Model):
             stop.set()
             thread.join()
 
-    def _announce(self, op, cache=None, B=0, L=0, mask=None, new=0):
+    def _announce(self, op, cache=None, B=0, L=0, mask=None, new=0, extra: list[int] = ()):
         if self.size == 1:
             return
         if self._closed:
             raise DistributedError("the distributed model was closed")
         dead = [self._dead.popleft() for _ in range(len(self._dead))]
         base = cache.layers[-1].keys.number if cache is not None and cache.layers[-1].keys is not None else 0
-        header = mx.array([op, B, L, int(mask is not None), base, new, len(dead), 0], dtype=mx.int32)
+        header = mx.array([op, B, L, int(mask is not None), base, new, len(dead), len(extra)], dtype=mx.int32)
         mx.eval(mx.distributed.all_sum(header, group=self.group))
         payload = [mx.array(dead, dtype=mx.int32)] + ([mx.array(mask).astype(mx.int32).reshape(-1)] if mask is not None else [])
+        payload.append(mx.array(list(extra), dtype=mx.int32))
         if sum(p.size for p in payload):
             mx.eval(mx.distributed.all_sum(mx.concatenate(payload), group=self.group))
 
@@ -358,17 +268,18 @@ class ShardedModel(Model):
         while True:
             # waiting for the header is idle time (rank 0 may have nothing to do); what follows it is bounded
             header = mx.distributed.all_sum(mx.zeros((HEADER,), dtype=mx.int32), group=self.group).tolist()
-            op, B, L, has_mask, base, new, n_dead, _ = header
+            op, B, L, has_mask, base, new, n_dead, n_extra = header
             with self._waiting({ENCODE: "an encoder pass", DENOISE: "a decoder pass"}.get(op, "a header")):
-                mask = None
-                if n_dead + has_mask * B * L:
-                    size = n_dead + has_mask * B * L
+                mask, extra, n_mask = None, [], has_mask * B * L
+                if n_dead + n_mask + n_extra:
+                    size = n_dead + n_mask + n_extra
                     payload = mx.distributed.all_sum(mx.zeros((size,), dtype=mx.int32), group=self.group)
                     mx.eval(payload)
                     for number in payload[:n_dead].tolist():
                         versions.pop(number, None)
                     if has_mask:
-                        mask = payload[n_dead:].reshape(B, L).astype(mx.bool_)
+                        mask = payload[n_dead:n_dead + n_mask].reshape(B, L).astype(mx.bool_)
+                    extra = payload[n_dead + n_mask:].tolist()
                 if op in (ENCODE, DENOISE):
                     cache.restore(versions[base])
                     if op == ENCODE:
@@ -382,6 +293,25 @@ class ShardedModel(Model):
             elif op == ENCODE:
                 cache.offset += L
                 versions[new] = cache.snapshot()
+            elif op in (SELECT, REFRAME, JOIN):
+                versions[new] = self._repeat(op, versions, base, extra)
+
+    def _repeat(self, op, versions: dict, base: int, extra: list[int]):
+        """A worker's copy of rank 0's cache operation (`ShardedCache`): the new version's snapshot."""
+        cache = Cache(self.args)
+        if op == JOIN:
+            parts = []
+            for number in extra[::2]:
+                parts.append(Cache(self.args))
+                parts[-1].restore(versions[number])
+            cache.join(parts, extra[1::2])
+            return cache.snapshot()
+        cache.restore(versions[base])
+        if op == SELECT:
+            cache.select(extra)
+        else:
+            cache.reframe(self, extra[0], extra[1:])
+        return cache.snapshot()
 
     def _stage(self, cache, B: int, L: int, encode: bool) -> mx.array:
         """This worker's layers for one pass; returns what it contributes to the closing `all_sum`."""

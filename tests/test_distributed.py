@@ -178,6 +178,27 @@ def chat_requests(url: str) -> list[dict]:
     return replies
 
 
+# Prompts of different lengths and budgets: batched together, rows join (a reframe, a join), leave at different
+# canvases (a select) and the frame moves as the longest row goes (a reframe that trims).
+BATCH = [("hello", 1, 40), ("why is the sky blue today", 2, 8), ("a", 3, 24), ("the sky is the sky", 4, 16)]
+
+
+def ask(url: str, text: str, seed: int, max_tokens: int) -> str:
+    import httpx2 as httpx
+
+    r = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                   json={"messages": [{"role": "user", "content": text}], "seed": seed, "max_tokens": max_tokens})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def together(url: str) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(BATCH)) as pool:
+        return list(pool.map(lambda request: ask(url, *request), BATCH))
+
+
 @pytest.fixture(scope="module")
 def one_process_replies(tiny_chat_folder):
     from server_fixtures import running_server
@@ -185,7 +206,7 @@ def one_process_replies(tiny_chat_folder):
     from mlx_dgemma.loading import load
 
     with running_server(*load(str(tiny_chat_folder)), tiny_chat_folder, max_concurrency=1) as (url, _):
-        return chat_requests(url)
+        return {"chat": chat_requests(url), "alone": [ask(url, *request) for request in BATCH]}
 
 
 @pytest.mark.parametrize("mode", ["pipeline", "experts-parallel"])
@@ -216,13 +237,16 @@ def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, on
                 time.sleep(0.2)
         replies = chat_requests(url)
         idle_cpu = worker_cpu_seconds(proc.pid, "mlx_dgemma.server", over=4.0)
+        batched = together(url)
+        largest_batch = httpx.get(url + "/health", timeout=10).json()["largest_batch"]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert health["max_concurrency"] == 1
-    assert replies == one_process_replies
+    assert replies == one_process_replies["chat"]
     assert replies[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the second request reused the first
-    assert "distributed: 2 ranks" in log.read_text() and "one request at a time" in log.read_text()
+    assert batched == one_process_replies["alone"]  # each request as one process answers it alone
+    assert largest_batch > 1 and health["max_concurrency"] == 4  # they really shared a batch
+    assert "distributed: 2 ranks, --" + mode in log.read_text()
     # with no request, rank 1 sleeps between rank 0's rest announcements (~0.05 s of CPU in 4 s here) instead of
     # spinning in the ring backend's wait for the next header (a whole core, or its share of a loaded machine)
     assert idle_cpu is None or idle_cpu < 0.4, idle_cpu

@@ -1,8 +1,7 @@
 """The server's command line: flags, loading the model (the bundled demo without --model), serving with uvicorn.
 
 Under `mlx.launch` with --pipeline or --experts-parallel, rank 0 alone binds the port and serves; the other ranks
-run rank 0's passes (`sharded.py`) and exit when it does. It then denoises one request at a time: the batch's
-cache surgery (rows joining, leaving, reframed) acts on rank 0's cache only, so with one row there is none.
+run rank 0's passes and repeat its batch's cache surgery (`sharded.py`), and exit when it does.
 
 uvicorn is the ASGI server: a plain `pip install`, HTTP/1.1 keep-alive and streaming, and it tells the app when a
 client disconnects, which is what frees a batch row.
@@ -47,13 +46,6 @@ def build_parser():
     return p
 
 
-def sharded(model) -> bool:
-    """Whether the model was loaded with --pipeline or --experts-parallel (on rank 0)."""
-    from ..sharded import ShardedModel
-
-    return isinstance(model, ShardedModel)
-
-
 def _folder(model_path: str | None) -> Path:
     from .. import demo
     from ..checkpoint import resolve_checkpoint
@@ -96,8 +88,7 @@ def build_state(args, model, tokenizer, folder: Path):
         thinking_budget_factor=1 if args.max_tokens else THINKING_BUDGET_FACTOR, think=args.think,
         vision=getattr(model, "vision", None),
     )
-    concurrency = 1 if sharded(model) else args.max_concurrency  # see the module's docstring
-    scheduler = Scheduler(model, tokenizer, max_concurrency=concurrency, max_queue=args.max_queue,
+    scheduler = Scheduler(model, tokenizer, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           prompt_cache=PromptCache(args.prompt_cache_size), prefill_step_size=args.prefill_step_size)
     quant = config.get("quantization") or {}
     return ServerState(
@@ -141,9 +132,9 @@ def main(argv=None) -> int:
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     app = create_app(state, api_key=args.api_key, allowed_origins=origins)
     state.scheduler.start()
-    if sharded(model):
+    if getattr(model, "size", 1) > 1:  # a distributed model (`sharded.py`)
         print(f"distributed: {model.size} ranks, --{'pipeline' if model.mode == 'pipeline' else 'experts-parallel'};"
-              f" rank 0 serves HTTP, the others follow it; one request at a time", file=sys.stderr, flush=True)
+              f" rank 0 serves HTTP, the others follow it", file=sys.stderr, flush=True)
     print(f"serving {state.model_name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api); "
           f"batch of {state.scheduler.max_concurrency}, queue {args.max_queue}", file=sys.stderr, flush=True)
     try:
