@@ -159,9 +159,14 @@ def run(argv=None) -> Path:
     meta = {"fine_tune_type": a.fine_tune_type}
     save_path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    train(model, train_set, cfg, pad_id=pad_id, eos_id=eos_id, valid_set=valid_set, save_path=save_path,
-          resume=a.resume, meta=meta)
-    print(f"[INFO] Trained {cfg.iters} steps in {time.perf_counter() - start:.1f} s")
+    losses = train(model, train_set, cfg, pad_id=pad_id, eos_id=eos_id, valid_set=valid_set, save_path=save_path,
+                   resume=a.resume, meta=meta)
+    # `train` returns the losses of the steps it ran: fewer than --iters after --resume
+    if losses:
+        steps = f"{len(losses)} step" + ("s" if len(losses) != 1 else "")
+        print(f"[INFO] Trained {steps} in {time.perf_counter() - start:.1f} s")
+    else:
+        print(f"[INFO] Nothing to train: the checkpoint in {save_path} is already at step {cfg.iters}")
     if lora_config is not None:
         save_adapters(model, save_path, lora_config)
         print(f"[INFO] Saved adapters to {save_path} (load with mlx_dgemma.load(model, adapter_path=...))")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import string
 import threading
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import mlx.core as mx
 from reference import IMAGE_TOKENS
+
+from mlx_dgemma.distributed import free_starting_port
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
             "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
@@ -52,9 +53,7 @@ def add_char_tokenizer(folder, vocab_size: int = 512):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_starting_port(1)
 
 
 @contextlib.contextmanager

@@ -188,8 +188,14 @@ def test_cli_full_fine_tune_saves_a_loadable_model(folder, tmp_path, capsys):
                    "--steps-per-eval", "4", "--val-batches", "1", "--save-every", "2"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "loss" in printed and "tok/s" in printed and "val" in printed
+    assert "loss" in printed and "tok/s" in printed and "val" in printed and "Trained 4 steps" in printed
     assert (out / "checkpoints" / "step_0000002" / "optimizer.safetensors").is_file()
+    resumed = ["--model", str(folder), "--data", str(data), "--from-scratch", "--fine-tune-type", "full",
+               "--batch-size", "4", "--save-path", str(out), "--resume", "--save-every", "2"]
+    assert T.main([*resumed, "--iters", "3"]) == 0  # the last checkpoint is step 2: one step is left
+    assert "Resuming" in (printed := capsys.readouterr().out) and "Trained 1 step in" in printed
+    assert T.main([*resumed, "--iters", "2"]) == 0
+    assert "Nothing to train" in capsys.readouterr().out
     model, tokenizer = mlx_dgemma.load(out)
     assert tokenizer is not None and model.args.canvas_length == 8
     ids = mlx_dgemma.generate_tokens(model, [tokenizer.apply_chat_template([{"role": "user", "content": "reverse ab"}])],
