@@ -161,8 +161,9 @@ def load_distributed(path: str, mode: str, split: list[float] | None = None, gro
 
 
 def _stopped_by_launcher(signum, frame):
-    # mlx.launch ends the other ranks when one exits with an error; say so rather than vanish.
-    print("error: another rank left the run (mlx.launch stopped this one); start every rank again", file=sys.stderr,
+    # mlx.launch ends the other ranks when one exits with an error (and a server stops itself when it loses a
+    # rank); say so rather than vanish.
+    print("error: another rank left the run (this rank was stopped); start every rank again", file=sys.stderr,
           flush=True)
     os._exit(1)
 

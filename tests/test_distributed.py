@@ -252,6 +252,46 @@ def test_the_server_under_mlx_launch_answers_as_one_process(tiny_chat_folder, on
     assert idle_cpu is None or idle_cpu < 0.4, idle_cpu
 
 
+def test_a_server_that_loses_a_rank_stops_with_a_message(tiny_chat_folder, tmp_path):
+    # ranks started by hand (MLX_RANK, MLX_HOSTFILE), so no launcher stops rank 0 for us: it has to notice itself
+    import httpx2 as httpx
+    from server_fixtures import free_port
+
+    ring = free_starting_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{ring + r}"] for r in range(2)]))
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlx_dgemma.server", "--model", str(tiny_chat_folder), "--port", str(port),
+           "--pipeline", "--log-level", "warning"]
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    ranks = []
+    for r in range(2):
+        env = {**os.environ, "PYTHONPATH": str(Path(mlx_dgemma.__file__).parent.parent), "MLX_RANK": str(r),
+               "MLX_HOSTFILE": str(hostfile)}
+        with open(logs[r], "w") as out:
+            ranks.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+    try:
+        deadline = time.time() + TIMEOUT
+        while True:
+            assert all(p.poll() is None for p in ranks), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the server did not come up:\n" + logs[0].read_text()[-3000:]
+                time.sleep(0.2)
+        assert ask(f"http://127.0.0.1:{port}", "hello", 1, 8) is not None
+        ranks[1].kill()
+        code = ranks[0].wait(TIMEOUT)  # idle, rank 0 notices at its next rest announcement
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = logs[0].read_text()
+    assert code == 1 and "error: the server stops: another rank left the run" in out, out[-3000:]
+
+
 def worker_cpu_seconds(session: int, module: str, over: float) -> float | None:
     """CPU seconds rank 1 of `python -m module` in this session used in `over` seconds (None without /proc)."""
     proc = Path("/proc")

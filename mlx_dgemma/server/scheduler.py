@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -189,7 +192,11 @@ class Scheduler:
                     break
             if idle:
                 if rest is not None:
-                    rest(pause)  # outside the lock: requests queue meanwhile
+                    try:
+                        rest(pause)  # outside the lock: requests queue meanwhile
+                    except RuntimeError as e:
+                        if not self._lost_rank(e):
+                            raise
                 continue
             self._admit()
             batch = self._next_batch()
@@ -198,12 +205,27 @@ class Scheduler:
             try:
                 self._run_canvas(batch)
             except Exception as e:  # never let one failure wedge the server: fail this batch's rows, go on
-                log.exception("a canvas failed; its requests get the error")
+                if not self._lost_rank(e):
+                    log.exception("a canvas failed; its requests get the error")
                 for job in batch.jobs + batch.joining:
                     self._fail(job, f"generation failed: {type(e).__name__}: {e}")
                 batch.jobs, batch.joining, batch.cache = [], [], None
         for job in list(self._queue) + [j for b in self._batches.values() for j in b.jobs + b.joining]:
             self._fail(job, "the server is shutting down")
+
+    def _lost_rank(self, error: BaseException) -> bool:
+        """A distributed model lost one of its ranks: nothing can run any more, so the server stops (a SIGTERM to
+        itself: uvicorn shuts down, the requests in flight get their error first). False for any other error."""
+        from ..cli import lost_rank_message
+
+        message = lost_rank_message(error)
+        if message is None:
+            return False
+        if not self._stopping:
+            print(f"error: the server stops: {message}", file=sys.stderr, flush=True)
+            self._stopping = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return True
 
     def _busy(self) -> bool:
         return any(b.jobs or b.joining for b in self._batches.values())
@@ -224,7 +246,8 @@ class Scheduler:
                 self._end(job, "cancelled")
                 continue
             except Exception as e:
-                log.exception("encoding a prompt failed")
+                if not self._lost_rank(e):
+                    log.exception("encoding a prompt failed")
                 self._fail(job, f"encoding the prompt failed: {type(e).__name__}: {e}")
                 continue
             key = repr(job.handle.settings)
