@@ -3,6 +3,8 @@
     python benchmarks/break_even.py                                  # the released model, 4-bit, M1 Ultra figures
     python benchmarks/break_even.py --bits 8 --ar-ms 16.4 --full-step-ms 222
     python benchmarks/break_even.py --config .cache/bench/bench-l6-s0/config.json --bits 32 --ar-ms 170 --full-step-ms 1640
+    python benchmarks/break_even.py --from-json .cache/bench-generate.json   # calibrated on, and set beside, a run
+                                                                              # of benchmarks/generate.py
 
 Nothing here is measured by this script. It counts, for a decoder step over S canvas positions, the weight bytes
 it must read and the multiply-adds it must do, against one autoregressive token, and turns them into times with
@@ -95,7 +97,7 @@ def table(s: dict, bits: int, ar_ms: float, full_step_ms: float, live=(256, 128,
         read, flops = step_cost(s, n)
         ms = 1e3 * max(read * b / bandwidth, flops / compute)
         rows.append(dict(positions=n, experts=distinct_experts(n, s["num_experts"], s["top_k_experts"]),
-                         gb=read * b / 1e9, gflop=flops / 1e9, ms=ms, even=ms / ar_ms, double=2 * ms / ar_ms))
+                         gb=read * b / 1e9, gflop=flops / 1e9, ms=ms))
     return rows, bandwidth, compute
 
 
@@ -105,20 +107,34 @@ def main(argv=None):
     p.add_argument("--bits", type=int, default=4, help="weight bits (4, 8; 16 or 32 unquantized)")
     p.add_argument("--ar-ms", type=float, default=14.0, help="measured time of one autoregressive token (ms)")
     p.add_argument("--full-step-ms", type=float, default=640.0, help="measured time of a full-canvas step (ms)")
+    p.add_argument("--from-json", help="a benchmarks/generate.py result: its checkpoint's config, float32, its "
+                                       "autoregressive token and fast first-step times, and its measured steps beside")
     a = p.parse_args(argv)
+    measured = {}
+    if a.from_json:
+        run = json.loads(Path(a.from_json).read_text())
+        fast = run["fast"]
+        a.config, a.bits = str(Path(run["mlx_dgemma"]["checkpoint"]) / "config.json"), 32
+        a.ar_ms = 1e3 / run["mlxlm_ar"]["decode_tok_s"]
+        a.full_step_ms = fast["first_step_ms"]["median"]
+        measured = {int(k): v["median"] for k, v in fast["step_ms_by_live"].items()}
     s = shapes_from_config(a.config) if a.config else dict(RELEASED)
     rows, bandwidth, compute = table(s, a.bits, a.ar_ms, a.full_step_ms)
     ar_read, _ = step_cost(s, None)
-    print(f"ESTIMATE (no measurement here). {a.config or 'released model'}, {a.bits}-bit weights; one autoregressive "
-          f"token reads {ar_read * bytes_per_parameter(a.bits) / 1e9:.2f} GB. Effective rates calibrated on "
-          f"{a.ar_ms} ms/token and {a.full_step_ms} ms per full step: {bandwidth / 1e9:.0f} GB/s, "
-          f"{compute / 1e12:.2f} TFLOP/s.")
-    print("| positions computed | experts read per layer | GB read | GFLOP | est. ms/step | tokens/step to match AR "
-          "| tokens/step for 2x AR |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"ESTIMATE (the est. column and the tokens/step derived from it; nothing is timed here). "
+          f"{a.config or 'released model'}, {a.bits}-bit weights; one autoregressive token reads "
+          f"{ar_read * bytes_per_parameter(a.bits) / 1e9:.2f} GB. Effective rates calibrated on {a.ar_ms:.1f} ms/token "
+          f"and {a.full_step_ms:.0f} ms per full step: {bandwidth / 1e9:.0f} GB/s, {compute / 1e12:.2f} TFLOP/s." +
+          (" Tokens/step use the measured step where there is one." if measured else ""))
+    extra = " measured ms/step (fast sampler) |" if measured else ""
+    print("| positions computed | experts read per layer | GB read | GFLOP | est. ms/step |" + extra +
+          " tokens/step to match AR | tokens/step for 2x AR |")
+    print("|---:|---:|---:|---:|---:|" + ("---:|" if measured else "") + "---:|---:|")
     for r in rows:
+        seen = f" {measured[r['positions']]:.0f} |" if r["positions"] in measured else (" |" if measured else "")
+        even = measured.get(r["positions"], r["ms"]) / a.ar_ms
         print(f"| {r['positions']} | {r['experts']:.0f} of {s['num_experts']} | {r['gb']:.2f} | {r['gflop']:.0f} | "
-              f"{r['ms']:.0f} | {r['even']:.1f} | {r['double']:.1f} |")
+              f"{r['ms']:.0f} |{seen} {even:.1f} | {2 * even:.1f} |")
 
 
 if __name__ == "__main__":
