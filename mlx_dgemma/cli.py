@@ -110,12 +110,10 @@ def load_for_cli(model_path: str | None, adapter_path: str | None = None, args=N
 
 
 def lost_rank_message(error: BaseException) -> str | None:
-    """What to tell the user when another rank of a distributed run went away; None for any other error."""
-    from .distributed import peer_lost
+    """`parallel.lost_rank_message`, imported when an error needs it (this module loads no MLX)."""
+    from .parallel import lost_rank_message
 
-    if peer_lost(error):
-        return f"another rank left the run ({error}); start every rank again"
-    return None
+    return lost_rank_message(error)
 
 
 def check_positive_flags(args):

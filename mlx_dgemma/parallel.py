@@ -25,6 +25,13 @@ def peer_lost(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "[ring]" in str(error)
 
 
+def lost_rank_message(error: BaseException) -> str | None:
+    """What to tell the user when another rank of a distributed run went away; None for any other error."""
+    if peer_lost(error):
+        return f"another rank left the run ({error}); start every rank again"
+    return None
+
+
 # --- how the model is split ----------------------------------------------------------------------------------------
 
 

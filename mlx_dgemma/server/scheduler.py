@@ -29,7 +29,7 @@ import numpy as np
 
 from ..diffusion import RandomSource, canvas_loop, cut_at_eos, prefill, resolve_settings
 from ..fast_loop import StepWork
-from ..parallel import peer_lost
+from ..parallel import lost_rank_message
 from .batch import RowRandomSource, reframe, stack
 from .prompt_cache import PromptCache
 from .errors import RequestError
@@ -217,11 +217,11 @@ class Scheduler:
     def _lost_rank(self, error: BaseException) -> bool:
         """A distributed model lost one of its ranks: nothing can run any more, so the server stops (a SIGTERM to
         itself: uvicorn shuts down, the requests in flight get their error first). False for any other error."""
-        if not peer_lost(error):
+        message = lost_rank_message(error)
+        if message is None:
             return False
         if not self._stopping:
-            print(f"error: the server stops: another rank left the run ({error}); start every rank again",
-                  file=sys.stderr, flush=True)
+            print(f"error: the server stops: {message}", file=sys.stderr, flush=True)
             self._stopping = True
             os.kill(os.getpid(), signal.SIGTERM)
         return True
