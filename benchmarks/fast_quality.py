@@ -12,15 +12,20 @@ canvas-256 model (`mlx_dgemma/demo_long/`, answers of 2 to 250 tokens on the rel
 - `transformers`: the reference's own `generate()` (transformers, torch CPU) on the folder `mlx_dgemma.export`
   writes: the reference sampler's column measured by the reference itself.
 
-Per task: exact-match accuracy (the task's checker: Sudoku any valid completion), tokens per forward (the
-reference's definition), decoder passes per problem ("steps"), and position visits per emitted token (decoder
-positions computed over all steps, per token up to and including the EOS; autoregressive decoding is 1; for
-transformers it is passes x canvas, as the reference computes every position of every pass).
+Per task: exact-match accuracy (the task's checker: Sudoku any valid completion), answer token accuracy
+(`answer_token_accuracy`: the share of the expected answer's positions, and of any extra ones generated, that hold
+the expected token; a signal where exact match is near 0), tokens per forward (the reference's definition),
+decoder passes per problem ("steps"), and position visits per emitted token (decoder positions computed over all
+steps, per token up to and including the EOS; autoregressive decoding is 1; for transformers it is passes x
+canvas, as the reference computes every position of every pass).
 
 The gate: the fast sampler ships as `fast` only where its accuracy is within 1 point of the reference sampler's on
 every task (a fast sampler that is more accurate passes). The exit status is 1 when the gate fails. Every column
 sees the same prompts (token ids) and seeds per batch; the random streams of the samplers differ, so accuracy
-differences of about a standard error (printed) are sampling noise, not a property of the sampler.
+differences of about a standard error are sampling noise, not a property of the sampler. Because the problems
+are shared, the difference is also printed paired (`paired_difference`: fast minus reference per problem, its
+standard error from the problems the two columns disagree on), which is the figure that says whether a miss of
+the gate is noise.
 """
 
 from __future__ import annotations
@@ -51,8 +56,12 @@ class TaskSet:
     def __init__(self, name: str, folder: Path, tasks, module):
         self.name, self.folder, self.tasks, self.module = name, folder, tasks, module
 
-    def held_out(self, per_task: int) -> list[dict]:
-        return [r for t in self.tasks for r in demo_tasks.examples(t, per_task, 0, {0}, make=self.module.make)]
+    def held_out(self, per_task: int, counts: dict[str, int] | None = None) -> list[dict]:
+        """`per_task` problems of each task (`counts` overrides it per task: the demo's 2-digit additions have
+        849 held-out problems). The first n of a longer list are the n of a shorter one."""
+        counts = counts or {}
+        return [r for t in self.tasks
+                for r in demo_tasks.examples(t, counts.get(t, per_task), 0, {0}, make=self.module.make)]
 
 
 def task_sets() -> dict[str, TaskSet]:
@@ -95,36 +104,80 @@ def run_transformers(ref, prompts, batch_size: int, seed: int, pad_id: int, canv
     return rows
 
 
+def answer_token_accuracy(generated: list[int], expected: list[int]) -> float:
+    """Position-wise token accuracy of an answer: the number of positions i with generated[i] == expected[i],
+    over max(len(generated), len(expected)) (both without the EOS; an answer too short misses the positions it
+    lacks, one too long is charged for each extra token; an empty expected answer that is met scores 1)."""
+    width = max(len(generated), len(expected))
+    if width == 0:
+        return 1.0
+    return sum(g == e for g, e in zip(generated, expected)) / width
+
+
+def paired_difference(reference: list[float], other: list[float]) -> dict:
+    """`other` minus `reference` over the same problems: the mean per-problem difference and its standard error
+    (sample standard deviation of the differences / sqrt(n)). For 0/1 outcomes the differences are nonzero only
+    on discordant problems: with `better` problems only `other` solves and `worse` only `reference` does, the
+    mean is (better - worse) / n and the squared error (better + worse - (better - worse)^2 / n) / (n (n - 1))."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired columns differ in length: {len(reference)} and {len(other)}")
+    n = len(reference)
+    d = [o - r for r, o in zip(reference, other)]
+    mean = sum(d) / n if n else 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return {"n": n, "diff": mean, "stderr": math.sqrt(var / n) if n else 0.0,
+            "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+
+
 def score(problems, rows, task_set: TaskSet, tokenizer, stop: set[int]) -> dict:
-    """Per task: accuracy, its standard error, tokens/forward, passes, visits per emitted token."""
+    """Per task: accuracy, its standard error, answer token accuracy, tokens/forward, passes, visits per emitted
+    token; and the per-problem outcomes (`correct`, `token_accuracy_each`, in problem order) for paired
+    comparisons."""
     per = {}
     for problem, (ids, passes, tpf, visits) in zip(problems, rows):
         answer = demo_accuracy.strip(ids, stop)
         emitted = min(len(answer) + 1, len(ids))  # the answer and its EOS
         ok = task_set.module.check(problem["prompt"], tokenizer.decode(answer))
-        per.setdefault(demo_tasks.task_of(problem["prompt"]), []).append((ok, tpf, passes, visits / max(emitted, 1)))
+        tok_acc = answer_token_accuracy(answer, tokenizer.encode(problem["completion"], add_special_tokens=False))
+        per.setdefault(demo_tasks.task_of(problem["prompt"]), []).append(
+            (ok, tpf, passes, visits / max(emitted, 1), tok_acc))
     out = {}
     for task, values in per.items():
         n = len(values)
         acc = sum(v[0] for v in values) / n
         out[task] = {
             "n": n, "accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n),
+            "token_accuracy": sum(v[4] for v in values) / n,
             "tokens_per_forward": sum(v[1] for v in values) / n, "steps": sum(v[2] for v in values) / n,
             "visits_per_token": sum(v[3] for v in values) / n,
+            "correct": [int(v[0]) for v in values], "token_accuracy_each": [round(v[4], 6) for v in values],
         }
     return out
 
 
-def measure(task_set: TaskSet, per_task: int, batch_size: int, seed: int, columns, levers, on_column=None) -> dict:
+def paired(result: dict, task: str, key: str = "correct") -> dict | None:
+    """fast minus reference on `task`, paired by problem (None when a column lacks per-problem outcomes)."""
+    cols = result["columns"]
+    if "fast" not in cols or "reference" not in cols:
+        return None
+    ref, fast = cols["reference"].get(task, {}), cols["fast"].get(task, {})
+    if key not in ref or key not in fast:
+        return None
+    return paired_difference(ref[key], fast[key])
+
+
+def measure(task_set: TaskSet, per_task: int, batch_size: int, seed: int, columns, levers, on_column=None,
+            counts: dict[str, int] | None = None) -> dict:
     """One model's columns; `on_column(result so far)` after each (long runs keep what they measured)."""
     import mlx_dgemma
 
     model, tokenizer = mlx_dgemma.load(task_set.folder)
-    problems = task_set.held_out(per_task)
+    problems = task_set.held_out(per_task, counts)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in problems]
     settings = model.sampler_defaults
     stop = set(settings.eos_token_ids) | {settings.pad_token_id}
-    result = {"model": task_set.name, "folder": str(task_set.folder.relative_to(ROOT)), "per_task": per_task,
+    result = {"model": task_set.name, "folder": _shown(task_set.folder), "per_task": per_task,
+              "counts": {t: counts[t] for t in (counts or {}) if t in task_set.tasks},
               "batch_size": batch_size, "seed": seed, "canvas": model.args.canvas_length,
               "sampler": {k: v for k, v in settings.to_dict().items() if k != "fast_sampler"},
               "fast_levers": {**vars(settings.fast_sampler), **(levers or {})}, "columns": {}, "seconds": {}}
@@ -142,6 +195,13 @@ def measure(task_set: TaskSet, per_task: int, batch_size: int, seed: int, column
         if on_column is not None:
             on_column(result)
     return result
+
+
+def _shown(folder: Path) -> str:
+    try:
+        return str(folder.relative_to(ROOT))
+    except ValueError:  # --model-folder outside the repository
+        return str(folder)
 
 
 def _commit() -> str:
@@ -162,8 +222,9 @@ def merge(results: list[dict]) -> list[dict]:
             out[r["model"]] = json.loads(json.dumps(r))
             continue
         m = out[r["model"]]
-        if r["per_task"] != m["per_task"]:
-            raise ValueError(f"{r['model']}: runs with {m['per_task']} and {r['per_task']} problems per task")
+        if (r["per_task"], r.get("counts", {})) != (m["per_task"], m.get("counts", {})):
+            raise ValueError(f"{r['model']}: runs with {m['per_task']} {m.get('counts', {})} and "
+                             f"{r['per_task']} {r.get('counts', {})} problems per task")
         for key in ("columns", "seconds", "commits"):
             m.setdefault(key, {}).update(r.get(key, {}))
         if "fast" in r["columns"]:
@@ -198,14 +259,26 @@ def gate(result: dict) -> dict[str, bool] | None:
 
 
 def table(result: dict) -> str:
+    """Per task: n, exact match per column and fast - reference paired (points, ± its standard error; in
+    brackets the problems only fast / only reference solved), answer token accuracy likewise, then the work."""
     cols = [c for c in COLUMNS if c in result["columns"]]
-    head = ["task"] + [f"accuracy, {c}" for c in cols] + [f"tok/fwd, {c}" for c in cols]
-    head += [f"steps, {c}" for c in cols] + [f"visits/token, {c}" for c in cols]
+    pair = "fast" in cols and "reference" in cols
+    head = ["task", "n"] + [f"accuracy, {c}" for c in cols] + (["fast - ref, paired"] if pair else [])
+    head += [f"token acc, {c}" for c in cols] + (["token acc fast - ref, paired"] if pair else [])
+    head += [f"tok/fwd, {c}" for c in cols] + [f"steps, {c}" for c in cols] + [f"visits/token, {c}" for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     tasks = list(result["columns"][cols[0]])
     for task in tasks:
         c = {k: result["columns"][k][task] for k in cols}
-        cells = [task] + [f"{100 * c[k]['accuracy']:.1f}% ±{100 * c[k]['stderr']:.1f}" for k in cols]
+        cells = [task, str(c[cols[0]]["n"])] + [f"{100 * c[k]['accuracy']:.1f}% ±{100 * c[k]['stderr']:.1f}" for k in cols]
+        if pair:
+            d = paired(result, task)
+            cells.append("—" if d is None else
+                         f"{100 * d['diff']:+.1f} ±{100 * d['stderr']:.1f} ({d['better']}/{d['worse']})")
+        cells += [f"{100 * c[k]['token_accuracy']:.1f}%" if "token_accuracy" in c[k] else "—" for k in cols]
+        if pair:
+            d = paired(result, task, "token_accuracy_each")
+            cells.append("—" if d is None else f"{100 * d['diff']:+.1f} ±{100 * d['stderr']:.1f}")
         cells += [f"{c[k]['tokens_per_forward']:.2f}" for k in cols] + [f"{c[k]['steps']:.1f}" for k in cols]
         cells += [f"{c[k]['visits_per_token']:.1f}" for k in cols]
         lines.append("| " + " | ".join(cells) + " |")
@@ -215,7 +288,18 @@ def table(result: dict) -> str:
         lines.append("")
         lines.append(f"Gate ({result['model']}): " + ("PASS, the fast sampler is within "
                      f"{GATE_POINTS:g} point on every task" if not failed else f"FAIL on {', '.join(failed)}"))
+        for t in failed:
+            d = paired(result, t)
+            if d is not None and d["stderr"] > 0:
+                z = d["diff"] / d["stderr"]
+                lines.append(f"  {t}: paired difference {100 * d['diff']:+.1f} points = {z:+.1f} standard errors"
+                             + (" (inside 2 standard errors of 0: not resolved)" if abs(z) < 2 else ""))
     return "\n".join(lines)
+
+
+def _problems(r: dict) -> str:
+    other = ", ".join(f"{t} {n}" for t, n in r.get("counts", {}).items())
+    return f"{r['per_task']} problems per task" + (f" ({other})" if other else "")
 
 
 def section(results: list[dict], machine: str, commit: str, command: str) -> str:
@@ -223,8 +307,11 @@ def section(results: list[dict], machine: str, commit: str, command: str) -> str
 
 `benchmarks/fast_quality.py` ({machine}; written at commit {commit}, each column's own commit below;
 {time.strftime('%Y-%m-%d')}): held-out problems never
-trained on, the same prompts and per-batch seeds for every column. Accuracy is exact match (± one standard error),
-tokens per forward the reference's definition, steps the decoder passes per problem, visits/token the decoder
+trained on, the same prompts and per-batch seeds for every column. Accuracy is exact match (± one standard error);
+"fast - ref, paired" is the per-problem difference of the two samplers on the same problems, in points, ± its
+standard error, with (problems only fast solved / only reference solved); token acc is the answer token accuracy
+(matching positions / max(generated, expected) answer length, per problem, averaged); tokens per forward the
+reference's definition, steps the decoder passes per problem, visits/token the decoder
 positions computed per emitted token (answer + EOS; autoregressive decoding is 1). `transformers` is the
 reference's own `generate()` on the exported folder. The gate: `fast` ships only where its accuracy is within
 {GATE_POINTS:g} point of `reference` on every task.
@@ -234,7 +321,7 @@ Command: `{command}`
     for r in results:
         s = r["sampler"]
         parts.append(f"""
-### {r['model']} model (`{r['folder']}/`, canvas {r['canvas']}, {r['per_task']} problems per task)
+### {r['model']} model (`{r['folder']}/`, canvas {r['canvas']}, {_problems(r)})
 
 Sampler settings (the model's generation_config.json): {s['max_denoising_steps']} steps, entropy bound
 {s['entropy_bound']}, temperature {s['t_max']} -> {s['t_min']}, batches of {r['batch_size']}, seed {r['seed']} + batch
@@ -253,6 +340,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=["demo", "long"], default=["demo", "long"])
     p.add_argument("--columns", nargs="+", choices=COLUMNS, default=list(COLUMNS))
     p.add_argument("--per-task", type=int, default=300)
+    p.add_argument("--task-count", action="append", default=[], metavar="TASK=N",
+                   help="Another number of problems for one task (repeatable), e.g. add=800.")
     p.add_argument("--batch-size", type=int, help="Default: 100 (demo), 50 (canvas 256).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast-levers", type=json.loads, default=None,
@@ -266,6 +355,12 @@ def main(argv=None):
     from benchmarks.common import machine_info, print_gemm_rate
 
     sets = task_sets()
+    counts = {}
+    for item in a.task_count:
+        task, _, n = item.partition("=")
+        if not n.isdigit() or int(n) <= 0 or not any(task in t.tasks for t in sets.values()):
+            p.error(f"--task-count {item}: expected TASK=N with a task of the models and N > 0")
+        counts[task] = int(n)
     for name, folder in a.model_folder:
         if name not in sets:
             p.error(f"--model-folder {name}: choose demo or long")
@@ -282,11 +377,11 @@ def main(argv=None):
                 if a.json:
                     Path(a.json).write_text(json.dumps(done + [{**partial, "gemm": gemm}], indent=2))
 
-            results.append({**measure(sets[name], a.per_task, size, a.seed, a.columns, a.fast_levers, save),
+            results.append({**measure(sets[name], a.per_task, size, a.seed, a.columns, a.fast_levers, save, counts),
                             "gemm": gemm})
     ok = True
     for r in results:
-        print(f"\n{r['model']} model ({r['per_task']} held-out problems per task)\n")
+        print(f"\n{r['model']} model ({_problems(r)}, held out)\n")
         print(table(r))
         verdict = gate(r)
         ok = ok and (verdict is None or all(verdict.values()))
