@@ -198,6 +198,10 @@ class FastSamplerConfig:
     `argmax_commit`: accepted positions take the argmax rather than the sample. `step_cap`: at most this many
     steps per canvas (the temperature schedule compresses to it), then every open position takes its argmax;
     `repair` recomputes those positions once more against the finished canvas and takes the new argmax.
+    `repair_all`: when a canvas is done (by any rule), every position up to its held end-of-generation id runs
+    once more through the decoder against the finished canvas and takes the new argmax, so a committed token the
+    rest of the canvas now contradicts is revised, as the reference's final argmax over the whole canvas would
+    (needs `freeze`).
     """
 
     top_k: int | None = 64
@@ -212,6 +216,7 @@ class FastSamplerConfig:
     argmax_commit: bool = False
     step_cap: int | None = None
     repair: bool = False
+    repair_all: bool = False
 
     def __post_init__(self):
         def bad(name, why):
@@ -221,7 +226,7 @@ class FastSamplerConfig:
             bad("top_k", "must be a positive integer or null")
         if self.gathered_sc and self.top_k is None:
             bad("gathered_sc", "needs top_k")
-        for name in ("confirm", "compact", "eos_cut"):
+        for name in ("confirm", "compact", "eos_cut", "repair_all"):
             if getattr(self, name) and not self.freeze:
                 bad(name, "needs freeze")
         for name in ("step_cap", "refresh_every"):

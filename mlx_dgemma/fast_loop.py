@@ -6,11 +6,11 @@ statistics over the top K (`fast_sampler.top_k_statistics`), self-conditioning g
 monotone commit (`freeze`: committed positions are never re-noised or re-decided; with `confirm`, a position is
 committed at its second acceptance in a row, when its argmax is the token it was given), only open positions
 through the decoder (`compact.denoise_positions`), positions after a held end-of-generation id skipped
-(`eos_cut`), and a step cap with a repair pass. The reference's stop rule still ends a canvas early: once the
-canvas's argmax is stable and its mean entropy below the confidence threshold, every open position takes its
-argmax. Without `freeze` the loop keeps the reference's rules entirely (every position re-decided each step,
-re-noised unless accepted, the argmax canvas is the output), so `top_k`, `gathered_sc` and `argmax_commit` can
-be measured alone.
+(`eos_cut`), a step cap with a repair pass, and a repair pass over the whole finished canvas (`repair_all`).
+The reference's stop rule still ends a canvas early: once the canvas's argmax is stable and its mean entropy
+below the confidence threshold, every open position takes its argmax. Without `freeze` the loop keeps the
+reference's rules entirely (every position re-decided each step, re-noised unless accepted, the argmax canvas is
+the output), so `top_k`, `gathered_sc` and `argmax_commit` can be measured alone.
 
 Each step is one lazy graph, evaluated once; the one host read per step returns the stop flag and the number of
 positions the next step must compute (its shape bucket), plus the draft canvas when asked for.
@@ -181,6 +181,10 @@ def fast_canvas(
         all_done = mx.all(done)
         count = ((flushed if fast.repair and last else (~closed | fresh) & ~done[:, None]).sum(axis=1).max()
                  if compacting else mx.array(C))
+        if fast.repair_all and fast.freeze and not repairing:  # the canvas is done: what the repair pass computes
+            final = ~past_eos(frozen, pending, tokens) & ~finished[:, None]
+            flushed = mx.where(all_done, final, flushed)
+            count = mx.where(all_done, final.sum(axis=1).max(), count)
         state = [tokens, argmax, frozen, closed, fresh, pending, flushed, entropies, soft, done, was_cut, work.passes,
                  work.visits,
                  *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
@@ -190,7 +194,7 @@ def fast_canvas(
         if repairing or stop:
             break
         if host[0]:
-            if fast.repair and last and fast.freeze and host[1] > 0:
+            if (fast.repair and last or fast.repair_all) and fast.freeze and host[1] > 0:
                 repairing, size = True, bucket(host[1], C, smallest)
                 done = finished | ~mx.any(flushed, axis=1)  # only rows the cap flushed run the repair pass
                 continue

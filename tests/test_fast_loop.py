@@ -137,6 +137,24 @@ def test_position_visits_of_the_fast_sampler(no_eos):
     assert stats.steps == 2 and stats.passes.tolist() == [2] and stats.position_visits.tolist() == [32]
 
 
+def test_repair_all_recomputes_each_finished_canvas_once(no_eos):
+    """The whole canvas commits in its first step (as above); `repair_all` adds one pass over all 16 positions of
+    each of the 2 canvases. With an end-of-generation id, the pass covers only the positions up to the held id."""
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2, 10, 11]], max_tokens=32, seed=0, sampler="fast", entropy_bound=1e9, stats=stats,
+                    fast_sampler=FastSamplerConfig(confirm=False, repair_all=True))
+    assert stats.steps == 4 and stats.passes.tolist() == [4] and stats.position_visits.tolist() == [64]
+    kw = dict(max_tokens=16, seed=0, sampler="fast", entropy_bound=1e9)
+    tokens = generate_tokens(no_eos, [[2, 10, 11]], fast_sampler=FastSamplerConfig(confirm=False), **kw)[0]
+    eos = tokens[5]  # the same first step commits this id at position j: the repair pass computes 0..j
+    j = tokens.index(eos)
+    no_eos.sampler_defaults = no_eos.sampler_defaults.updated(eos_token_ids=[eos])
+    stats = DiffusionStats()
+    generate_tokens(no_eos, [[2, 10, 11]], stats=stats, fast_sampler=FastSamplerConfig(confirm=False, repair_all=True),
+                    **kw)
+    assert stats.passes.tolist() == [2] and stats.position_visits.tolist() == [16 + j + 1]
+
+
 def test_stream_responses_and_the_cli_line_carry_visits(tiny_chat_folder):
     model, tokenizer = mlx_dgemma.load(tiny_chat_folder)
     responses = list(stream_generate(model, tokenizer, "why is the sky blue", 32, seed=0, max_denoising_steps=4,
@@ -193,6 +211,7 @@ def test_chat_session_takes_the_fast_sampler(tiny_chat_folder):
 
 
 @pytest.mark.parametrize("levers", [dict(eos_pad=True), dict(refresh_every=2), dict(compact=False),
+                                    dict(repair_all=True), dict(repair_all=True, compact=False),
                                     dict(freeze=False, confirm=False, compact=False, eos_cut=False)])
 def test_every_lever_combination_runs_a_batch(tiny_model, levers):
     """Padded batch, two canvases, an end-of-generation id: each switch's code path runs and stays in budget."""
