@@ -186,6 +186,10 @@ class FastSamplerConfig:
     good (not re-noised, not re-decided); the canvas is done when every position is. `confirm`: a position is
     committed only when accepted in two consecutive steps, the second time with the token it was given as its
     argmax (so its keys/values already see that token); without it, at its first acceptance (needs `freeze`).
+    `confirm_steps`: with `confirm`, the acceptances in a row a position needs, all but the first with the token
+    it holds as the argmax (2: the second acceptance commits). `commit_entropy`: with `confirm`, a position is
+    committed only while its entropy is below this (nats); one confirmed above it stays pending (kept, re-decided
+    every step, as the reference treats every position) until it is sure enough or the canvas ends.
     `compact`: only positions not committed (without `confirm`, plus each just-committed one once more, so its
     keys/values see its token) run through the decoder; the others' keys/values are reused (needs `freeze`).
     `eos_cut`: positions after a
@@ -208,6 +212,8 @@ class FastSamplerConfig:
     gathered_sc: bool = True
     freeze: bool = True
     confirm: bool = True
+    confirm_steps: int = 2
+    commit_entropy: float | None = None
     compact: bool = True
     eos_cut: bool = True
     eos_cut_pending: bool = True
@@ -229,6 +235,11 @@ class FastSamplerConfig:
         for name in ("confirm", "compact", "eos_cut", "repair_all"):
             if getattr(self, name) and not self.freeze:
                 bad(name, "needs freeze")
+        if self.commit_entropy is not None and (not isinstance(self.commit_entropy, (int, float))
+                                                or not self.commit_entropy > 0):
+            bad("commit_entropy", "must be a positive number or null")
+        if not isinstance(self.confirm_steps, int) or self.confirm_steps < 2:
+            bad("confirm_steps", "must be an integer >= 2")
         for name in ("step_cap", "refresh_every"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

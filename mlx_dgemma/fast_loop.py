@@ -26,7 +26,7 @@ import mlx.core as mx
 from . import backend
 from .compact import bucket, denoise_positions, needed_positions, scatter_rows, soft_embedding_rows, take_rows
 from .config import SamplerConfig
-from .fast_sampler import top_k_statistics
+from .fast_sampler import confirm_commits, top_k_statistics
 from .sampler import canvas_statistics, confident, entropy_bound_accept, stable, temperature
 
 
@@ -100,6 +100,7 @@ def fast_canvas(
     was_cut = mx.zeros((B, C), dtype=mx.bool_)
     fresh = mx.zeros((B, C), dtype=mx.bool_)  # committed last step: computed once more, for their keys/values
     pending = mx.zeros((B, C), dtype=mx.bool_)  # accepted last step, not yet committed (with `confirm`)
+    agreed = mx.zeros((B, C), dtype=mx.int32)  # steps in a row a pending position's argmax was its token
     flushed = mx.zeros((B, C), dtype=mx.bool_)  # committed by the step cap (what the repair pass revisits)
     entropies = mx.zeros((B, C), dtype=mx.float32)
     done = finished
@@ -136,9 +137,12 @@ def fast_canvas(
             commits = accept
             if fast.confirm:  # accepted again, and the argmax is the token it holds: keep that token for good
                 given = take_rows(tokens, positions)
-                commits = accept & take_rows(pending, positions) & (new_argmax == given)
-                commit = mx.where(commits, given, commit)
-                pending = scatter_rows(pending, positions, valid & live, accept & ~commits)
+                commits, agrees, now_pending, now_agreed = confirm_commits(
+                    accept, take_rows(pending, positions), take_rows(agreed, positions), new_argmax, given, ent,
+                    fast.confirm_steps, fast.commit_entropy)
+                commit = mx.where(agrees, given, commit)  # agreeing, not yet committed: keeps its token too
+                pending = scatter_rows(pending, positions, valid & live, now_pending)
+                agreed = scatter_rows(agreed, positions, valid & live, now_agreed)
             noise = rng.noise(positions.shape, V)
             tokens = scatter_rows(tokens, positions, valid & live, mx.where(accept, commit, noise))
             frozen = scatter_rows(frozen, positions, valid & live, commits)
@@ -185,7 +189,8 @@ def fast_canvas(
             final = ~past_eos(frozen, pending, tokens) & ~finished[:, None]
             flushed = mx.where(all_done, final, flushed)
             count = mx.where(all_done, final.sum(axis=1).max(), count)
-        state = [tokens, argmax, frozen, closed, fresh, pending, flushed, entropies, soft, done, was_cut, work.passes,
+        state = [tokens, argmax, frozen, closed, fresh, pending, agreed, flushed, entropies, soft, done, was_cut,
+                 work.passes,
                  work.visits,
                  *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
         host = _step_sync(state, [all_done, count, *([argmax] if drafts else [])])

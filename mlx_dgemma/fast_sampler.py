@@ -112,3 +112,21 @@ def gathered_soft_embedding(rows: mx.array, probs: mx.array) -> mx.array:
     """Self-conditioning's soft embedding from the top-K embedding rows `[..., K, H]` and their probabilities
     `[..., K]`: `sum_k p_k E[i_k]` in place of `softmax(z) @ E` over the whole vocabulary."""
     return (probs[..., None].astype(rows.dtype) * rows).sum(axis=-2)
+
+
+def confirm_commits(accept: mx.array, pending: mx.array, agreed: mx.array, argmax: mx.array, given: mx.array,
+                    entropy: mx.array, steps: int = 2, max_entropy: float | None = None):
+    """The `confirm` rule, per position: (commits, agrees, pending, agreed) after this step.
+
+    A position agrees when it is accepted now, was accepted the step before (`pending`) and its argmax is the token
+    it holds (`given`); `agreed` counts agreements in a row. It is committed for good at agreement number
+    `steps - 1` (the `steps`-th acceptance in a row), if its entropy is below `max_entropy` (when set); an accepted
+    position not committed stays pending, keeping its count while it agrees and starting again when it does not.
+    """
+    agrees = accept & pending & (argmax == given)
+    streak = mx.where(agrees, agreed + 1, 0)
+    commits = agrees & (streak >= steps - 1)
+    if max_entropy is not None:
+        commits = commits & (entropy < max_entropy)
+    still = accept & ~commits
+    return commits, agrees, still, mx.where(still, streak, 0)

@@ -195,7 +195,9 @@ def test_export_keeps_our_sampler_choice_out_of_the_reference_config(tiny, tmp_p
 @pytest.mark.parametrize("bad,message", [
     (dict(top_k=0), "top_k"), (dict(top_k=None), "gathered_sc=True: needs top_k"),
     (dict(freeze=False, confirm=False), "compact=True: needs freeze"), (dict(step_cap=0), "step_cap"),
-    (dict(refresh_every=0), "refresh_every"),
+    (dict(refresh_every=0), "refresh_every"), (dict(confirm_steps=1), "confirm_steps=1: must be an integer >= 2"),
+    (dict(commit_entropy=0.0), "commit_entropy"),
+    (dict(freeze=False, confirm=False, compact=False, eos_cut=False, repair_all=True), "repair_all=True: needs freeze"),
 ])
 def test_fast_sampler_settings_are_checked(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +214,7 @@ def test_chat_session_takes_the_fast_sampler(tiny_chat_folder):
 
 @pytest.mark.parametrize("levers", [dict(eos_pad=True), dict(refresh_every=2), dict(compact=False),
                                     dict(repair_all=True), dict(repair_all=True, compact=False),
+                                    dict(confirm_steps=3, commit_entropy=0.01),
                                     dict(freeze=False, confirm=False, compact=False, eos_cut=False)])
 def test_every_lever_combination_runs_a_batch(tiny_model, levers):
     """Padded batch, two canvases, an end-of-generation id: each switch's code path runs and stays in budget."""

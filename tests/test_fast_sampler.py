@@ -76,3 +76,44 @@ def test_entropy_bounds_without_a_tail_are_the_top_k_entropy():
     h = mx.array([0.0, 1.0, math.log(8)])
     lower, upper = entropy_bounds(h, mx.zeros((3,)), 8, 8)
     assert np.allclose(np.array(lower), np.array(h)) and np.allclose(np.array(upper), np.array(h))
+
+
+@pytest.mark.parametrize("steps,max_entropy", [(2, None), (3, None), (2, 0.05), (4, 0.05)])
+def test_confirm_commits_follows_each_position_step_by_step(steps, max_entropy):
+    """The confirm rule on random step sequences against a direct per-position loop: a position commits at the
+    `steps`-th acceptance in a row whose later acceptances all saw the held token as the argmax (and, with a
+    ceiling, an entropy below it); committed positions leave the rule."""
+    from mlx_dgemma.fast_sampler import confirm_commits
+
+    rng = np.random.default_rng(steps)
+    T, P = 12, 400
+    accept = rng.random((T, P)) < 0.7
+    same = rng.random((T, P)) < 0.8  # argmax == the held token
+    entropy = rng.random((T, P)) * 0.1
+    # direct: one position at a time
+    want = np.zeros((T, P), dtype=bool)
+    for p in range(P):
+        pending, run, done = False, 0, False
+        for t in range(T):
+            if done:
+                continue
+            agrees = accept[t, p] and pending and same[t, p]
+            run = run + 1 if agrees else 0
+            commit = agrees and run >= steps - 1 and (max_entropy is None or entropy[t, p] < max_entropy)
+            want[t, p], done = commit, commit
+            pending = accept[t, p] and not commit
+            run = run if pending else 0
+    # the rule, all positions at once
+    pending, agreed, closed = mx.zeros((P,), mx.bool_), mx.zeros((P,), mx.int32), np.zeros(P, dtype=bool)
+    given = mx.zeros((P,), mx.int32)
+    for t in range(T):
+        live = mx.array(~closed)
+        argmax = mx.where(mx.array(same[t]), given, given + 1)
+        commits, _, now_pending, now_agreed = confirm_commits(
+            mx.array(accept[t]) & live, pending, agreed, argmax, given, mx.array(entropy[t], mx.float32),
+            steps, max_entropy)
+        got = np.array(commits)
+        assert np.array_equal(got, want[t]), t
+        closed |= got
+        pending, agreed = now_pending & live, mx.where(live, now_agreed, 0)
+    assert want.any() and not want.all()
