@@ -53,6 +53,8 @@ LEVERS = {
     "default+commit_entropy=0.01-eos_cut": dict(commit_entropy=0.01, eos_cut=False),
     "default+commit_entropy=0.01-eos_cut_pending": dict(commit_entropy=0.01, eos_cut_pending=False),
     "default-eos_cut": dict(eos_cut=False),
+    "commit_entropy=0.01-eos_cut_pending+repair_all": dict(commit_entropy=0.01, eos_cut_pending=False, repair_all=True),
+    "commit_entropy=0.001-eos_cut_pending": dict(commit_entropy=0.001, eos_cut_pending=False),
     "top_k=8": dict(OFF, top_k=8),
     "top_k=8+gathered_sc": dict(OFF, top_k=8, gathered_sc=True),
     "argmax_commit": dict(OFF, argmax_commit=True),

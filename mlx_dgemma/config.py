@@ -213,10 +213,10 @@ class FastSamplerConfig:
     freeze: bool = True
     confirm: bool = True
     confirm_steps: int = 2
-    commit_entropy: float | None = None
+    commit_entropy: float | None = 0.01  # BENCHMARKS.md, "Fast sampler quality gate": Sudoku -1.9 -> -0.1 points
     compact: bool = True
     eos_cut: bool = True
-    eos_cut_pending: bool = True
+    eos_cut_pending: bool = False  # with commit_entropy an EOS can stay pending for long: sort -1.6 -> -0.5
     eos_pad: bool = False
     refresh_every: int | None = None
     argmax_commit: bool = False
