@@ -1,7 +1,7 @@
 """One process against two ranks (`mlx.launch -n 2`, ring backend on loopback) on the bench checkpoint.
 
     flock /tmp/heavy.lock env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python benchmarks/distributed.py [--steps 6] [--json out.json]
+        python benchmarks/distributed.py [--steps 6] [--json out.json] [--by-hand]
 
 For each of: one process, two ranks `--pipeline`, two ranks `--experts-parallel` (exact, then `--partial-sums`), the
 same prompt (64 tokens) and one canvas of `--steps` denoising steps (never stopping early), seed 0:
@@ -128,17 +128,27 @@ def child(mode: str, folder: str, out_dir: str, steps: int):
 
 
 
-def run(mode, folder, steps) -> list[dict]:
+def run(mode, folder, steps, by_hand: bool = False) -> list[dict]:
+    from mlx_dgemma.distributed import free_starting_port
+
     out = tempfile.mkdtemp(prefix="dist-bench-")
     me = [sys.executable, str(Path(__file__).resolve()), "--child", mode or "single", str(folder), out,
           "--steps", str(steps)]
-    if mode is not None:
-        launch = str(Path(sys.executable).parent / "mlx.launch")
-        from mlx_dgemma.distributed import free_starting_port
-
-        me = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--", *me]
     env = {**openblas_env(), "PYTHONPATH": str(REPO)}
-    subprocess.run(me, check=True, env=env, timeout=1800)
+    if mode is None:
+        subprocess.run(me, check=True, env=env, timeout=1800)
+    elif by_hand:  # what mlx.launch sets up, without its output threads (they spin a core: BENCHMARKS.md)
+        port = free_starting_port()
+        hostfile = Path(out) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(2)]))
+        ranks = [subprocess.Popen(me, env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}) for r in range(2)]
+        codes = [p.wait(timeout=1800) for p in ranks]
+        if any(codes):
+            raise RuntimeError(f"ranks exited with {codes}")
+    else:
+        launch = str(Path(sys.executable).parent / "mlx.launch")
+        cmd = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_starting_port()), "--", *me]
+        subprocess.run(cmd, check=True, env=env, timeout=1800)
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
 
 
@@ -149,17 +159,20 @@ def main():
     p.add_argument("--layers", type=int, default=6, help="Layers of the bench checkpoint built (default 6).")
     p.add_argument("--vocab-size", type=int, help="Vocabulary of the bench checkpoint built (default the bench's).")
     p.add_argument("--json", help="Write the results here.")
+    p.add_argument("--by-hand", action="store_true",
+                   help="Start the two ranks directly (MLX_RANK, MLX_HOSTFILE) instead of with mlx.launch.")
     p.add_argument("--child", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(*a.child, a.steps)
     folder = ensure_bench_checkpoint(a.checkpoint, layers=a.layers,
                                      **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
-    results = {label: run(mode, folder, a.steps) for label, mode in RUNS}
+    results = {label: run(mode, folder, a.steps, a.by_hand) for label, mode in RUNS}
     base = results[RUNS[0][0]][0]
     shape = base["args"]
     print(f"bench checkpoint {folder} ({shape['layers']} layers, hidden {shape['hidden']}, canvas {shape['canvas']}, "
-          f"vocab {base['args']['vocab']}, float32); {a.steps} steps, medians of the last {a.steps - 1}; machine {machine_info()}")
+          f"vocab {base['args']['vocab']}, float32); {a.steps} steps, medians of the last {a.steps - 1}; ranks started "
+          f"{'by hand' if a.by_hand else 'by mlx.launch'}; machine {machine_info()}")
     print(f"GEMM rate (1024^3 float32, rank 0): {base['gemm_gflops']:.1f} GFLOP/s")
     print("| run | step ms | vs 1 process | loopback bytes/step | protocol bytes/step | weights GB per rank | "
           "peak GB per rank | tokens = 1 process |")
