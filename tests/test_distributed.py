@@ -345,3 +345,20 @@ def test_the_chat_under_mlx_launch_rests_the_other_rank_at_its_prompt(tiny_chat_
     assert code == 0, log.read_text()[-3000:]
     assert "tokens" in log.read_text().split("Type a message", 1)[1]  # the reply's stats line came
     assert idle_cpu is None or idle_cpu < 0.4, idle_cpu  # asleep, not spinning in the ring's wait (see above)
+
+
+def test_the_distributed_flags_that_need_another_are_refused():
+    from argparse import Namespace
+
+    from mlx_dgemma.cli import parallel_mode
+
+    def flags(**kw):
+        base = dict(pipeline=False, experts_parallel=False, pipeline_split=None, partial_sums=False, peer_timeout=120.0,
+                    adapter_path=None)
+        return Namespace(**{**base, **kw})
+
+    assert parallel_mode(flags(experts_parallel=True, partial_sums=True)) == "experts"
+    with pytest.raises(ValueError, match="--partial-sums needs --experts-parallel"):
+        parallel_mode(flags(pipeline=True, partial_sums=True))
+    with pytest.raises(ValueError, match="--peer-timeout must be positive, got 0"):
+        parallel_mode(flags(pipeline=True, peer_timeout=0))
