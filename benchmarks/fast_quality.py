@@ -288,6 +288,10 @@ def table(result: dict) -> str:
         lines.append("")
         lines.append(f"Gate ({result['model']}): " + ("PASS, the fast sampler is within "
                      f"{GATE_POINTS:g} point on every task" if not failed else f"FAIL on {', '.join(failed)}"))
+        empty = [t for t in verdict if result["columns"]["reference"][t]["accuracy"] == 0
+                 and result["columns"]["fast"][t]["accuracy"] == 0]
+        if empty:  # nothing solved by either column: the rule passes without saying anything
+            lines.append(f"  empty on {', '.join(empty)}: neither sampler solves a problem exactly (see token acc)")
         for t in failed:
             d = paired(result, t)
             if d is not None and d["stderr"] > 0:

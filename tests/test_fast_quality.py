@@ -79,3 +79,12 @@ def test_the_gate_table_prints_the_paired_numbers_and_says_when_a_miss_is_noise(
     for col in result["columns"].values():
         del col["add"]["correct"], col["add"]["token_accuracy_each"]
     assert "| — |" in fq.table(result)
+
+
+def test_the_gate_says_when_it_passes_only_because_nothing_is_solved():
+    zero = [0] * 10
+    result = {"model": "long", "columns": {"reference": {"copy": _column(zero, [0.1] * 10)},
+                                           "fast": {"copy": _column(zero, [0.2] * 10)}}}
+    text = fq.table(result)
+    assert "PASS" in text and "empty on copy" in text
+    assert "| 10.0% | 20.0% | +10.0 ±0.0 |" in text
