@@ -13,11 +13,11 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend, cpu
+from . import cpu
 from .cache import Cache, LayerCache
 from .config import FULL, SLIDING, ModelArgs
 from .sampler import softmax_parts
-from .switch import ExpertLinear
+from .switch import Experts, widen_cpu_experts  # noqa: F401  (widen_cpu_experts: loading's import path)
 
 
 def rms_normalize(x: mx.array, eps: float) -> mx.array:
@@ -133,104 +133,6 @@ class Router(nn.Module):
         # softmax over all experts, then renormalised over the chosen k == softmax over the chosen k's logits
         weights = mx.softmax(mx.take_along_axis(logits, idx, axis=-1), axis=-1)
         return idx, weights * self.per_expert_scale[idx]
-
-
-class Experts(nn.Module):
-    """The routed experts: `gate_up_proj` `[E, 2*Ie, H]` (gate rows first, then up) and `down_proj` `[E, H, Ie]`."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate_up_proj = ExpertLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
-        self.down_proj = ExpertLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
-        self.num_experts = args.num_experts
-
-    def _glu(self, x, indices, sorted_indices):
-        gate, up = mx.split(self.gate_up_proj(x, indices, sorted_indices=sorted_indices), 2, axis=-1)
-        return self.down_proj(nn.gelu_approx(gate) * up, indices, sorted_indices=sorted_indices)
-
-    # This module holds experts `[first, first + num_experts)` of a layer's `layout_experts`: all of them in one
-    # process; one rank's share under --experts-parallel (sharded.py), which lays the rows out for every expert
-    # exactly as one process does, so each row's output has the same bits (a gathered matmul's rounding depends on
-    # where a row sits in its block).
-    first = 0
-    layout_experts = None
-
-    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        shape = x.shape
-        y = self.expert_rows(x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]).astype(mx.uint32))
-        return self.combine(y, weights).reshape(shape)
-
-    def expert_rows(self, x: mx.array, idx: mx.array) -> mx.array:
-        """Every (token, slot)'s expert output, `[n, k, H]` for `x` `[n, H]` and `idx` `[n, k]` (uint32)."""
-        profile = backend.current()
-        if not profile.blocked_experts:
-            return self._sorted_rows(x, idx)
-        # the block from the whole layer's expert count, so every rank lays the rows out as one process does
-        return self._blocked(x, idx, profile.expert_block(idx.size, self.layout_experts or self.num_experts))
-
-    @staticmethod
-    def combine(y: mx.array, weights: mx.array) -> mx.array:
-        """The routing-weighted sum over the k slots."""
-        return (y * weights.reshape(*y.shape[:2], 1).astype(y.dtype)).sum(axis=1)
-
-    def _held(self, experts: mx.array) -> mx.array:
-        # layout expert -> index into this module's weights; experts held elsewhere read a stand-in (their rows
-        # are dropped by the caller)
-        if self.first == 0 and self.layout_experts in (None, self.num_experts):
-            return experts
-        return mx.clip(experts.astype(mx.int32) - self.first, 0, self.num_experts - 1).astype(mx.uint32)
-
-    def _sorted_rows(self, x, idx):
-        # GPU profile: one row per (token, expert) pair, sorted by expert so the gathered matmul reads each
-        # expert's weights once.
-        n, k = idx.shape
-        flat = idx.flatten()
-        order = mx.argsort(flat)
-        y = self._glu(x[order // k][:, None, :], self._held(flat[order]), True)
-        return y[mx.argsort(order)].reshape(n, k, -1)
-
-    def _blocked(self, x, idx, block: int):
-        # CPU profile: row-by-row gathered matmuls run at matrix-vector speed on a CPU. Lay the (token, expert)
-        # rows out in blocks of `block` rows that all belong to one expert (each expert's rows padded to a
-        # multiple of `block`), so every block is a real matrix-matrix product. Shapes depend only on the
-        # number of tokens, never on the routing, so nothing is read back to the host.
-        n, k = idx.shape
-        rows, e = n * k, self.layout_experts or self.num_experts
-        n_blocks = -(-rows // block) + e
-        flat = idx.flatten().astype(mx.int32)
-        order = mx.argsort(flat)
-        expert_of_sorted = flat[order]
-        counts = (flat[:, None] == mx.arange(e)[None, :]).sum(axis=0)
-        padded = ((counts + block - 1) // block) * block
-        padded_end = mx.cumsum(padded)
-        count_start = mx.cumsum(counts) - counts
-        rank = mx.arange(rows) - count_start[expert_of_sorted]
-        slot = (padded_end - padded)[expert_of_sorted] + rank
-        token_of_slot = mx.full((n_blocks * block,), n, dtype=mx.int32)  # n = the zero row appended below
-        token_of_slot[slot] = order // k
-        xs = mx.concatenate([x, mx.zeros((1, x.shape[-1]), dtype=x.dtype)])[token_of_slot]
-        block_expert = (padded_end[None, :] <= (mx.arange(n_blocks) * block)[:, None]).sum(axis=1)
-        block_expert = self._held(mx.minimum(block_expert, e - 1).astype(mx.uint32))
-        if isinstance(self.gate_up_proj, ExpertLinear) and self.gate_up_proj.weight.dtype != xs.dtype:
-            xs = xs.astype(self.gate_up_proj.weight.dtype)  # half-precision experts were widened at load (see `widen_cpu_experts`)
-        y = self._glu(xs.reshape(n_blocks, block, -1), block_expert, True).reshape(n_blocks * block, -1)
-        y = y.astype(x.dtype)
-        slot_of_row = mx.zeros((rows,), dtype=mx.int32)
-        slot_of_row[order] = slot
-        return y[slot_of_row].reshape(n, k, -1)
-
-
-def widen_cpu_experts(model) -> bool:
-    """Float32 expert weights for MLX's CPU backend, whose gathered matmul takes float32 only (a bfloat16 folder
-    would fail there). Costs twice the experts' memory; quantized experts are left alone. Returns whether any
-    weights changed."""
-    changed = False
-    for layer in model.layers:
-        for proj in (layer.experts.gate_up_proj, layer.experts.down_proj):
-            if isinstance(proj, ExpertLinear) and proj.weight.dtype != mx.float32:
-                proj.weight = proj.weight.astype(mx.float32)
-                changed = True
-    return changed
 
 
 class DecoderLayer(nn.Module):
