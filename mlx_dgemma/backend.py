@@ -96,7 +96,7 @@ def using(profile: str | Profile):
 
 def on_cpu() -> bool:
     """Whether arrays live on MLX's CPU backend, a fact of the device rather than a tuning: its gathered matmul
-    takes float32 only (see `model.widen_cpu_experts`)."""
+    takes float32 only (see `switch.widen_cpu_experts`)."""
     return mx.default_device() == mx.cpu
 
 

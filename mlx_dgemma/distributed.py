@@ -19,7 +19,7 @@ from . import backend
 from .config import ModelArgs, SamplerConfig, read_json
 from .conversion_plan import make_plan, source_dtype
 from .cpu import keep_buffers
-from .model import VISION_PREFIXES, checkpoint_name, widen_cpu_experts
+from .model import VISION_PREFIXES, checkpoint_name
 from .parallel import (
     MODES,
     DistributedError,
@@ -30,6 +30,7 @@ from .parallel import (
 )
 from .quantize import apply_to_model
 from .sharded import ShardedModel
+from .switch import widen_cpu_experts
 from .watchdog import DEFAULT_PEER_TIMEOUT
 from .weights import list_tensors
 

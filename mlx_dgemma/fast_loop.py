@@ -190,8 +190,7 @@ def fast_canvas(
             flushed = mx.where(all_done, final, flushed)
             count = mx.where(all_done, final.sum(axis=1).max(), count)
         state = [tokens, argmax, frozen, closed, fresh, pending, agreed, flushed, entropies, soft, done, was_cut,
-                 work.passes,
-                 work.visits,
+                 work.passes, work.visits,
                  *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
         host = _step_sync(state, [all_done, count, *([argmax] if drafts else [])])
         yield steps, (host[2] if drafts else None)

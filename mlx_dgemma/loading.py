@@ -11,7 +11,8 @@ from .config import ModelArgs, SamplerConfig, read_json
 from .checkpoint import resolve_checkpoint
 from .conversion_plan import make_plan, source_dtype
 from .cpu import keep_buffers
-from .model import VISION_PREFIXES, Model, checkpoint_name, widen_cpu_experts
+from .model import VISION_PREFIXES, Model, checkpoint_name
+from .switch import widen_cpu_experts
 from .quantize import apply_to_model
 from .vision import load_vision
 from .weights import list_tensors

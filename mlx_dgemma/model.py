@@ -17,7 +17,7 @@ from . import cpu
 from .cache import Cache, LayerCache
 from .config import FULL, SLIDING, ModelArgs
 from .sampler import softmax_parts
-from .switch import Experts, widen_cpu_experts  # noqa: F401  (widen_cpu_experts: loading's import path)
+from .switch import Experts
 
 
 def rms_normalize(x: mx.array, eps: float) -> mx.array:

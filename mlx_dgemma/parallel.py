@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .model import Experts
+from .switch import Experts
 
 MODES = ("pipeline", "experts")
 

@@ -50,7 +50,8 @@ def _gelu_tanh_vjp(primals, cotangent, output):
 
 
 def _training_classes():
-    from .model import MLP, Experts, SelfConditioning, rms_normalize
+    from .model import MLP, SelfConditioning, rms_normalize
+    from .switch import Experts
 
     class TrainingMLP(MLP):
         def __call__(self, x):

@@ -1,7 +1,7 @@
 """A bound on how long one rank of a distributed run waits for the others during a pass.
 
 MLX's collectives have no timeout. A rank that dies closes its sockets, and the ring backend then fails the others'
-collectives (`sharded.peer_lost`); a rank that is stuck (stopped, asleep, swapping, wedged) keeps them open, and
+collectives (`parallel.peer_lost`); a rank that is stuck (stopped, asleep, swapping, wedged) keeps them open, and
 the ranks waiting on it would wait forever. So each rank marks the spans in which it waits on the others for work
 that is bounded (a header exchange, a pass's collectives), and a thread ends the process with a message when one
 lasts longer than the limit. The idle wait of a worker for rank 0's next pass (a server with no request, a chat at

@@ -13,7 +13,7 @@ import mlx_dgemma
 from mlx_dgemma import backend
 from mlx_dgemma.config import ModelArgs
 from mlx_dgemma.generate import generate_tokens
-from mlx_dgemma.model import Experts
+from mlx_dgemma.switch import Experts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -59,11 +59,6 @@ class RowRandomSource:
         self._chains = [self._chains[i] for i in rows]
 
 
-def reframe(model, cache, offset: int, real_lengths: list[int]):
-    """Move every row of `cache` into the frame that ends at `offset` (in place; `Cache.reframe`)."""
-    cache.reframe(model, offset, real_lengths)
-
-
 def stack(model, caches: list, real_lengths: list[list[int]]):
     """One cache holding the rows of `caches` (each a batch cache, its rows' token counts in `real_lengths`), in
     the frame of the longest row. The inputs are reframed in place."""

@@ -30,7 +30,7 @@ import numpy as np
 from ..diffusion import RandomSource, canvas_loop, cut_at_eos, prefill, resolve_settings
 from ..fast_loop import StepWork
 from ..parallel import lost_rank_message
-from .batch import RowRandomSource, reframe, stack
+from .batch import RowRandomSource, stack
 from .prompt_cache import PromptCache
 from .errors import RequestError
 from .request import GenerationRequest
@@ -300,7 +300,7 @@ class Scheduler:
                 job.cache = None
             batch.joining = []
         elif batch.cache.offset > max(j.length for j in batch.jobs):  # the longest row left: trim the padding
-            reframe(model, batch.cache, max(j.length for j in batch.jobs), [j.length for j in batch.jobs])
+            batch.cache.reframe(model, max(j.length for j in batch.jobs), [j.length for j in batch.jobs])
         jobs = list(batch.jobs)
         self.largest_batch = max(self.largest_batch, len(jobs))
         settings = batch.settings
