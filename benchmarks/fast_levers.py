@@ -59,10 +59,7 @@ LEVERS = {
     "top_k=8+gathered_sc": dict(OFF, top_k=8, gathered_sc=True),
     "argmax_commit": dict(OFF, argmax_commit=True),
     "top_k+gathered_sc": dict(OFF, top_k=64, gathered_sc=True),
-    "default+reopen_idle=2": dict(reopen_idle=2),
-    "default+reopen_idle=3": dict(reopen_idle=3),
-    "default+reopen_idle=4": dict(reopen_idle=4),
-    "default+reopen_idle=6": dict(reopen_idle=6),
+    "default+resample_pending": dict(resample_pending=True),
     "freeze+confirm+commit_entropy": dict(OFF, freeze=True, confirm=True, commit_entropy=0.01),
     "top_k+gathered_sc+freeze+confirm+commit_entropy": dict(OFF, top_k=64, gathered_sc=True, freeze=True, confirm=True, commit_entropy=0.01),
 }

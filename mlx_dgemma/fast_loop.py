@@ -6,8 +6,7 @@ statistics over the top K (`fast_sampler.top_k_statistics`), self-conditioning g
 monotone commit (`freeze`: committed positions are never re-noised or re-decided; with `confirm`, a position is
 committed at its second acceptance in a row, when its argmax is the token it was given), only open positions
 through the decoder (`compact.denoise_positions`), positions after a held end-of-generation id skipped
-(`eos_cut`), a step cap with a repair pass, a repair pass over the whole finished canvas (`repair_all`), and a
-way back to the reference's rules for a row that stops committing (`reopen_idle`).
+(`eos_cut`), a step cap with a repair pass, and a repair pass over the whole finished canvas (`repair_all`).
 The reference's stop rule still ends a canvas early: once the canvas's argmax is stable and its mean entropy
 below the confidence threshold, every open position takes its argmax. Without `freeze` the loop keeps the
 reference's rules entirely (every position re-decided each step, re-noised unless accepted, the argmax canvas is
@@ -104,8 +103,6 @@ def fast_canvas(
     agreed = mx.zeros((B, C), dtype=mx.int32)  # steps in a row a pending position's argmax was its token
     flushed = mx.zeros((B, C), dtype=mx.bool_)  # committed by the step cap (what the repair pass revisits)
     entropies = mx.zeros((B, C), dtype=mx.float32)
-    idle = mx.zeros((B,), dtype=mx.int32)  # steps in a row a row committed nothing (with `reopen_idle`)
-    revising = mx.zeros((B,), dtype=mx.bool_)  # rows back on the reference's rules (with `reopen_idle`)
     done = finished
     soft, buffers = None, [(None, None)] * len(model.layers)
     history = mx.full((settings.stability_threshold, B, C), -1, dtype=mx.int32) if settings.stability_threshold else None
@@ -136,28 +133,20 @@ def fast_canvas(
         elif fast.freeze:
             live = take_rows(~closed, positions) & valid
             accept = entropy_bound_accept(mx.where(live, ent, mx.inf), settings.entropy_bound) & live
-            chosen = new_argmax if fast.argmax_commit else sample
-            commit, commits = chosen, accept
+            commit, commits = new_argmax if fast.argmax_commit else sample, accept
             if fast.confirm:  # accepted again, and the argmax is the token it holds: keep that token for good
                 given = take_rows(tokens, positions)
                 commits, agrees, now_pending, now_agreed = confirm_commits(
                     accept, take_rows(pending, positions), take_rows(agreed, positions), new_argmax, given, ent,
                     fast.confirm_steps, fast.commit_entropy)
-                commit = mx.where(agrees, given, commit)  # agreeing, not yet committed: keeps its token too
+                # a commit keeps the token it agreed on; an agreeing position not committed keeps it too, or (with
+                # `resample_pending`) takes its new sample, as the reference re-decides every position it accepts
+                commit = mx.where(commits if fast.resample_pending else agrees, given, commit)
                 pending = scatter_rows(pending, positions, valid & live, now_pending)
                 agreed = scatter_rows(agreed, positions, valid & live, now_agreed)
-            if fast.reopen_idle:  # a reopened row follows the reference: nothing committed, nothing pending
-                commit, commits = mx.where(revising[:, None], chosen, commit), commits & ~revising[:, None]
-                pending = pending & ~revising[:, None]
             noise = rng.noise(positions.shape, V)
             tokens = scatter_rows(tokens, positions, valid & live, mx.where(accept, commit, noise))
             frozen = scatter_rows(frozen, positions, valid & live, commits)
-            if fast.reopen_idle:
-                idle = mx.where(mx.any(commits, axis=1), 0, idle + 1)
-                reopen = (~revising & ~done & (idle >= fast.reopen_idle))[:, None]
-                revising = revising | reopen[:, 0]
-                frozen, pending, fresh = frozen & ~reopen, pending & ~reopen, fresh & ~reopen
-                agreed = mx.where(reopen, 0, agreed)
             # computed now: no longer owed a pass; without `confirm`, a commit's keys/values have not seen its token
             fresh = scatter_rows(fresh, positions, valid, commits & (fast.compact and not fast.confirm))
             argmax = scatter_rows(argmax, positions, valid & live, new_argmax)
@@ -201,7 +190,7 @@ def fast_canvas(
             final = ~past_eos(frozen, pending, tokens) & ~finished[:, None]
             flushed = mx.where(all_done, final, flushed)
             count = mx.where(all_done, final.sum(axis=1).max(), count)
-        state = [tokens, argmax, frozen, closed, fresh, pending, agreed, flushed, entropies, soft, done, was_cut, idle, revising,
+        state = [tokens, argmax, frozen, closed, fresh, pending, agreed, flushed, entropies, soft, done, was_cut,
                  work.passes, work.visits,
                  *[a for kv in buffers for a in kv if a is not None], *([history] if history is not None else [])]
         host = _step_sync(state, [all_done, count, *([argmax] if drafts else [])])

@@ -197,8 +197,7 @@ def test_export_keeps_our_sampler_choice_out_of_the_reference_config(tiny, tmp_p
     (dict(top_k=0), "top_k"), (dict(top_k=None), "gathered_sc=True: needs top_k"),
     (dict(freeze=False, confirm=False), "compact=True: needs freeze"), (dict(step_cap=0), "step_cap"),
     (dict(refresh_every=0), "refresh_every"), (dict(confirm_steps=1), "confirm_steps=1: must be an integer >= 2"),
-    (dict(commit_entropy=0.0), "commit_entropy"), (dict(reopen_idle=0), "reopen_idle"),
-    (dict(freeze=False, confirm=False, compact=False, eos_cut=False, reopen_idle=2), "reopen_idle=2: needs freeze"),
+    (dict(commit_entropy=0.0), "commit_entropy"),
     (dict(freeze=False, confirm=False, compact=False, eos_cut=False, repair_all=True), "repair_all=True: needs freeze"),
 ])
 def test_fast_sampler_settings_are_checked(bad, message):
@@ -216,8 +215,7 @@ def test_chat_session_takes_the_fast_sampler(tiny_chat_folder):
 
 @pytest.mark.parametrize("levers", [dict(eos_pad=True), dict(refresh_every=2), dict(compact=False),
                                     dict(repair_all=True), dict(repair_all=True, compact=False),
-                                    dict(confirm_steps=3, commit_entropy=0.01), dict(reopen_idle=2),
-                                    dict(reopen_idle=2, compact=False, repair_all=True),
+                                    dict(confirm_steps=3, commit_entropy=0.01), dict(resample_pending=False),
                                     dict(freeze=False, confirm=False, compact=False, eos_cut=False)])
 def test_every_lever_combination_runs_a_batch(tiny_model, levers):
     """Padded batch, two canvases, an end-of-generation id: each switch's code path runs and stays in budget."""
@@ -228,23 +226,27 @@ def test_every_lever_combination_runs_a_batch(tiny_model, levers):
     assert np.all(stats.position_visits <= stats.passes * 16) and np.all(stats.position_visits >= 16)
 
 
-def test_a_row_reopened_after_its_first_step_follows_the_reference_sampler(tiny_model):
-    """`confirm` commits nothing in a first step, so `reopen_idle=1` sends every row back to the reference's rules
-    from the second step on; with the whole vocabulary's statistics the fast loop then draws the same numbers in
-    the same order as the reference sampler and must give its tokens, end-of-generation rules and all."""
-    kw = dict(max_tokens=32, seed=3, max_denoising_steps=6)
-    prompts = [[2, 10, 11], [2, 20], [2, 30, 31, 32]]
-    reference = generate_tokens(tiny_model, prompts, **kw)
-    levers = dict(top_k=None, gathered_sc=False, reopen_idle=1)
-    stats = DiffusionStats()
-    assert generate_tokens(tiny_model, prompts, sampler="fast", fast_sampler=FastSamplerConfig(**levers),
-                           stats=stats, **kw) == reference
-    assert np.all(stats.position_visits == 16 * stats.passes)  # nothing committed: every position, every step
-    # a row reopens only after `reopen_idle` steps in a row without a commit
-    stats = DiffusionStats()
-    rows = generate_tokens(tiny_model, prompts, sampler="fast", stats=stats, **kw,
-                           fast_sampler=FastSamplerConfig(**dict(levers, reopen_idle=100)))
-    assert rows != reference or np.any(stats.position_visits < 16 * stats.passes)
+@pytest.mark.parametrize("resample", [True, False])
+def test_an_unsure_accepted_position_is_resampled_not_held(no_eos, monkeypatch, resample):
+    """Scripted statistics: position 0 is always accepted with the token it holds as its argmax, but at 0.5 nats
+    it is never sure enough to commit; its sample at step k is 100 + k. With `resample_pending` it takes each new
+    sample (the reference's rule); without, it holds its first one for the rest of the canvas. The other positions
+    (entropy 0) commit at their second step and keep their token."""
+    seen = []
+
+    def scripted(model, cache, tokens, positions, buffers, soft, temp, uniforms, fast):
+        seen.append(np.array(tokens[0]))
+        given = take_rows(tokens, positions)
+        ent = mx.where(positions == 0, 0.5, 0.0).astype(mx.float32)
+        sample = mx.full(positions.shape, 100 + len(seen), dtype=mx.int32)
+        soft = mx.zeros((*positions.shape, model.args.hidden_size), dtype=mx.float32)
+        return ent, given, sample, soft, buffers
+
+    monkeypatch.setattr(fast_loop, "step_outputs", scripted)
+    out = generate_tokens(no_eos, [[2, 10, 11]], max_tokens=16, seed=0, sampler="fast", max_denoising_steps=5,
+                          confidence_threshold=1e-30, fast_sampler=FastSamplerConfig(resample_pending=resample))[0]
+    assert [int(t[0]) for t in seen[1:]] == ([101, 102, 103, 104] if resample else [101, 101, 101, 101])
+    assert out == [104 if resample else 101] + [101] * 15  # the last step takes the argmax: the token held
 
 
 def test_the_reference_sampler_is_the_default_and_unchanged(no_eos):
