@@ -222,6 +222,8 @@ def merge(results: list[dict]) -> list[dict]:
             out[r["model"]] = json.loads(json.dumps(r))
             continue
         m = out[r["model"]]
+        if r.get("seed") != m.get("seed"):  # other draws: the paired difference would pair unrelated runs
+            raise ValueError(f"{r['model']}: runs with seed {m.get('seed')} and seed {r.get('seed')}")
         if (r["per_task"], r.get("counts", {})) != (m["per_task"], m.get("counts", {})):
             raise ValueError(f"{r['model']}: runs with {m['per_task']} {m.get('counts', {})} and "
                              f"{r['per_task']} {r.get('counts', {})} problems per task")

@@ -286,9 +286,9 @@ def test_fast_sampler_evaluates_once_and_reads_once_per_step(no_eos, monkeypatch
 
 # Correct answers of the fast sampler (default levers) on the first 25 held-out problems of each task, seed 0
 # (the reference sampler gets 23/24/25/22, tests/test_demo.py); one fewer is tolerated (other backends round
-# differently). The same counts before and after the default became commit_entropy=0.01 without eos_cut_pending;
-# benchmarks/fast_quality.py has the 1000-problem measurement (97.0/95.9/100.0/89.5%), BENCHMARKS.md the table.
-FAST_EXPECTED = {"sudoku": 23, "sort": 24, "reverse": 25, "add": 21}
+# differently). Add went from 21 to 22 when `resample_pending` became the default; benchmarks/fast_quality.py has
+# the 1000-problem measurement (97.0/96.8/100.0/90.2%), BENCHMARKS.md the table.
+FAST_EXPECTED = {"sudoku": 23, "sort": 24, "reverse": 25, "add": 22}
 
 
 def test_fast_sampler_answers_the_demo_sample_with_less_work():
@@ -314,7 +314,7 @@ def test_fast_sampler_answers_the_demo_sample_with_less_work():
                 texts = [tokenizer.decode([t for t in o if t not in stop]) for o in outputs]
                 correct = sum(demo_tasks.check(r["prompt"], t) for r, t in zip(rows, texts))
                 assert correct >= expected - 1, (task, correct)
-        # measured: 0.60-0.72 of the reference's visits per token; reverse settles in 2 steps, and without cutting
+        # measured: 0.57-0.72 of the reference's visits per token; reverse settles in 2 steps, and without cutting
         # after a pending EOS (eos_cut_pending, off by default) it asks for as many visits as the reference
         limit = 1.0 if task == "reverse" else 0.8
         assert work["fast"] <= limit * work["reference"], (task, work)

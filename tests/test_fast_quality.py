@@ -88,3 +88,16 @@ def test_the_gate_says_when_it_passes_only_because_nothing_is_solved():
     text = fq.table(result)
     assert "PASS" in text and "empty on copy" in text
     assert "| 10.0% | 20.0% | +10.0 ±0.0 |" in text
+
+
+def test_runs_are_merged_only_when_they_pair_the_same_problems_and_draws():
+    ref = {"model": "demo", "seed": 0, "per_task": 10, "columns": {"reference": {}}, "commits": {"reference": "a"}}
+    fast = {"model": "demo", "seed": 0, "per_task": 10, "columns": {"fast": {}}, "commits": {"fast": "b"},
+            "fast_levers": {}}
+    merged = fq.merge([ref, fast])
+    assert len(merged) == 1 and set(merged[0]["columns"]) == {"reference", "fast"}
+    assert merged[0]["commits"] == {"reference": "a", "fast": "b"}
+    with pytest.raises(ValueError, match="seed 0 and seed 1"):
+        fq.merge([ref, dict(fast, seed=1)])
+    with pytest.raises(ValueError, match="problems per task"):
+        fq.merge([ref, dict(fast, per_task=20)])
