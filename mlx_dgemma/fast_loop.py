@@ -4,7 +4,9 @@ Same schedule and acceptance rule as the reference (temperature t_max -> t_min o
 acceptance of the lowest-entropy positions), with the levers of `FastSamplerConfig`, each on its own switch:
 statistics over the top K (`fast_sampler.top_k_statistics`), self-conditioning gathered from the top-K rows,
 monotone commit (`freeze`: committed positions are never re-noised or re-decided; with `confirm`, a position is
-committed at its second acceptance in a row, when its argmax is the token it was given), only open positions
+committed at its second acceptance in a row, when its argmax is the token it was given and, with `commit_entropy`,
+it is sure enough; one not yet committed takes each new sample, as the reference's positions do, with
+`resample_pending`), only open positions
 through the decoder (`compact.denoise_positions`), positions after a held end-of-generation id skipped
 (`eos_cut`), a step cap with a repair pass, and a repair pass over the whole finished canvas (`repair_all`).
 The reference's stop rule still ends a canvas early: once the canvas's argmax is stable and its mean entropy
