@@ -5,10 +5,9 @@ acceptance of the lowest-entropy positions), with the levers of `FastSamplerConf
 statistics over the top K (`fast_sampler.top_k_statistics`), self-conditioning gathered from the top-K rows,
 monotone commit (`freeze`: committed positions are never re-noised or re-decided; with `confirm`, a position is
 committed at its second acceptance in a row, when its argmax is the token it was given and, with `commit_entropy`,
-it is sure enough; one not yet committed takes each new sample, as the reference's positions do, with
-`resample_pending`), only open positions
-through the decoder (`compact.denoise_positions`), positions after a held end-of-generation id skipped
-(`eos_cut`), a step cap with a repair pass, and a repair pass over the whole finished canvas (`repair_all`).
+it is sure enough; until then, with `resample_pending`, it takes each new sample as the reference's positions do),
+only open positions through the decoder (`compact.denoise_positions`), positions after a held end-of-generation id
+skipped (`eos_cut`), a step cap with a repair pass, and a repair pass over the whole finished canvas (`repair_all`).
 The reference's stop rule still ends a canvas early: once the canvas's argmax is stable and its mean entropy
 below the confidence threshold, every open position takes its argmax. Without `freeze` the loop keeps the
 reference's rules entirely (every position re-decided each step, re-noised unless accepted, the argmax canvas is
@@ -135,7 +134,8 @@ def fast_canvas(
         elif fast.freeze:
             live = take_rows(~closed, positions) & valid
             accept = entropy_bound_accept(mx.where(live, ent, mx.inf), settings.entropy_bound) & live
-            commit, commits = new_argmax if fast.argmax_commit else sample, accept
+            commit = new_argmax if fast.argmax_commit else sample
+            commits = accept
             if fast.confirm:  # accepted again, and the argmax is the token it holds: keep that token for good
                 given = take_rows(tokens, positions)
                 commits, agrees, now_pending, now_agreed = confirm_commits(
