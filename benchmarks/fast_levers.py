@@ -60,6 +60,8 @@ LEVERS = {
     "argmax_commit": dict(OFF, argmax_commit=True),
     "top_k+gathered_sc": dict(OFF, top_k=64, gathered_sc=True),
     "default+resample_pending": dict(resample_pending=True),
+    "default+commit_entropy=0.05": dict(commit_entropy=0.05),
+    "default+commit_entropy=None": dict(commit_entropy=None),
     "freeze+confirm+commit_entropy": dict(OFF, freeze=True, confirm=True, commit_entropy=0.01),
     "top_k+gathered_sc+freeze+confirm+commit_entropy": dict(OFF, top_k=64, gathered_sc=True, freeze=True, confirm=True, commit_entropy=0.01),
 }
