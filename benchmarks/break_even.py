@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-# The released google/diffusiongemma-26B-A4B-it text config (the same shapes as gpu_check.RELEASED).
-RELEASED = dict(
-    vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
-    num_experts=128, top_k_experts=8, moe_intermediate_size=704, canvas_length=256,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_check import RELEASED  # noqa: E402  (the released text config's shapes; stdlib imports only)
 
 
 def shapes_from_config(path: str) -> dict:
@@ -39,7 +37,7 @@ def shapes_from_config(path: str) -> dict:
     out = {k: text[k] for k in RELEASED if k in text}
     out["canvas_length"] = raw.get("canvas_length", text.get("canvas_length", 256))
     per_layer = text.get("per_layer_config") or {}
-    full = [v for v in per_layer.values()]
+    full = list(per_layer.values())
     out.setdefault("global_head_dim", full[0].get("head_dim", text["head_dim"]) if full else text["head_dim"])
     out.setdefault("num_global_key_value_heads",
                    full[0].get("num_key_value_heads", text["num_key_value_heads"]) if full else text["num_key_value_heads"])
@@ -85,7 +83,10 @@ def step_cost(s: dict, positions: int | None) -> tuple[float, float]:
     return read, 2 * positions * (active + p["self_conditioning"])
 
 
-def table(s: dict, bits: int, ar_ms: float, full_step_ms: float, live=(256, 128, 64, 32, 16, 8, 4)) -> list[dict]:
+def table(s: dict, bits: int, ar_ms: float, full_step_ms: float,
+          live=(256, 128, 64, 32, 16, 8, 4)) -> tuple[list[dict], float, float]:
+    """Per position count: experts read, GB read, GFLOP and the estimated ms; and the two calibrated rates
+    (bytes/s, FLOP/s)."""
     b = bytes_per_parameter(bits)
     ar_read, _ = step_cost(s, None)
     bandwidth = ar_read * b / (ar_ms / 1e3)  # effective bytes/s, from the token time

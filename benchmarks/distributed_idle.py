@@ -27,14 +27,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ranks_of(session: int) -> dict[int, int]:
-    """rank -> pid of the server processes in this session."""
+def ranks_of(session: int, module: str = "mlx_dgemma.server") -> dict[int, int]:
+    """rank -> pid of the processes of `python -m module` in this session."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
             if not entry.name.isdigit() or os.getsid(int(entry.name)) != session:
                 continue
-            if b"mlx_dgemma.server" not in (entry / "cmdline").read_bytes():
+            if module.encode() not in (entry / "cmdline").read_bytes():
                 continue
             for var in (entry / "environ").read_bytes().split(b"\0"):
                 if var.startswith(b"MLX_RANK="):

@@ -87,16 +87,14 @@ def summarize(problems, outputs, rows, tokenizer, stop):
     per = {}
     for p, ids, r in zip(problems, outputs, rows):
         t = demo_tasks.task_of(p["prompt"])
-        d = per.setdefault(t, dict(right=0, n=0, tpf=0.0, visits=0, tokens=0, passes=0, correct=[]))
-        ok = demo_tasks.check(p["prompt"], tokenizer.decode(strip(ids, stop)))
-        d["right"] += ok
-        d["correct"].append(int(ok))
+        d = per.setdefault(t, dict(n=0, tpf=0.0, visits=0, tokens=0, passes=0, correct=[]))
+        d["correct"].append(int(demo_tasks.check(p["prompt"], tokenizer.decode(strip(ids, stop)))))
         d["n"] += 1
         d["tpf"] += r["tpf"]
         d["visits"] += r["visits"]
         d["tokens"] += r["tokens"]
         d["passes"] += r["passes"]
-    return {t: dict(accuracy=d["right"] / d["n"], tpf=d["tpf"] / d["n"], passes=d["passes"] / d["n"],
+    return {t: dict(accuracy=sum(d["correct"]) / d["n"], tpf=d["tpf"] / d["n"], passes=d["passes"] / d["n"],
                     visits_per_token=d["visits"] / max(d["tokens"], 1), correct=d["correct"]) for t, d in per.items()}
 
 

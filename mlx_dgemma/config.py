@@ -188,8 +188,9 @@ class FastSamplerConfig:
     argmax (so its keys/values already see that token); without it, at its first acceptance (needs `freeze`).
     `confirm_steps`: with `confirm`, the acceptances in a row a position needs, all but the first with the token
     it holds as the argmax (2: the second acceptance commits). `commit_entropy`: with `confirm`, a position is
-    committed only while its entropy is below this (nats); one confirmed above it stays pending (kept, re-decided
-    every step, as the reference treats every position) until it is sure enough or the canvas ends.
+    committed only while its entropy is below this (nats); one confirmed above it stays pending (re-decided every
+    step, as the reference treats every position; see `resample_pending`) until it is sure enough or the canvas
+    ends.
     `compact`: only positions not committed (without `confirm`, plus each just-committed one once more, so its
     keys/values see its token) run through the decoder; the others' keys/values are reused (needs `freeze`).
     `eos_cut`: positions after a

@@ -56,6 +56,12 @@ class _Version:
         weakref.finalize(self, dead.append, number)
 
 
+def _version_number(cache: Cache | None) -> int:
+    """The number of the workers' version that rank 0's `cache` stands for (0: an empty cache, or none)."""
+    handle = cache.layers[-1].keys if cache is not None else None
+    return handle.number if handle is not None else 0
+
+
 class _Mirror(LayerCache):
     """The last entry of rank 0's cache: the workers' matching state (a `_Version`), or None for an empty cache."""
 
@@ -98,7 +104,7 @@ class ShardedCache(Cache):
     def join(self, caches: list[Cache], rows: list[int]):
         with self._own_layers():
             super().join(caches, rows)
-        versions = [c.layers[-1].keys.number if c.layers[-1].keys is not None else 0 for c in caches]
+        versions = [_version_number(c) for c in caches]
         self.model._mirror(JOIN, self, [x for pair in zip(versions, rows) for x in pair])
 
 
@@ -236,7 +242,7 @@ class ShardedModel(Model):
         if self._closed:
             raise DistributedError("the distributed model was closed")
         dead = [self._dead.popleft() for _ in range(len(self._dead))]
-        base = cache.layers[-1].keys.number if cache is not None and cache.layers[-1].keys is not None else 0
+        base = _version_number(cache)
         header = mx.array([op, B, L, int(mask is not None), base, new, len(dead), len(extra)], dtype=mx.int32)
         mx.eval(mx.distributed.all_sum(header, group=self.group))
         payload = [mx.array(dead, dtype=mx.int32)] + ([mx.array(mask).astype(mx.int32).reshape(-1)] if mask is not None else [])

@@ -294,27 +294,15 @@ def test_a_server_that_loses_a_rank_stops_with_a_message(tiny_chat_folder, tmp_p
 
 def worker_cpu_seconds(session: int, module: str, over: float) -> float | None:
     """CPU seconds rank 1 of `python -m module` in this session used in `over` seconds (None without /proc)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    from benchmarks.distributed_idle import cpu_seconds, ranks_of
+
+    if not Path("/proc").is_dir():
         return None
-    pid = None
-    for entry in proc.iterdir():
-        try:
-            if entry.name.isdigit() and os.getsid(int(entry.name)) == session and \
-                    b"MLX_RANK=1" in (entry / "environ").read_bytes().split(b"\0") and \
-                    module.encode() in (entry / "cmdline").read_bytes():
-                pid = entry.name
-        except OSError:
-            continue
+    pid = ranks_of(session, module).get(1)
     assert pid is not None, f"rank 1 of {module} not found"
-
-    def cpu() -> float:
-        fields = (proc / pid / "stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    before = cpu()
+    before = cpu_seconds(pid)
     time.sleep(over)
-    return cpu() - before
+    return cpu_seconds(pid) - before
 
 
 def test_the_chat_under_mlx_launch_rests_the_other_rank_at_its_prompt(tiny_chat_folder, tmp_path):
